@@ -1,0 +1,18 @@
+"""parloop: Parallel Loop Transformers (PLT) in PyTorch.
+
+`import parloop` registers the LoopCoder-V2 model type (`iquestpltcoder`) with `transformers`' Auto classes, so
+`AutoModelForCausalLM.from_pretrained(dir)` loads such a checkpoint without `trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from parloop.cache import PLTCache
+from parloop.config import ConfigError, PLTConfig
+from parloop.model import PLTForCausalLM, PLTModel
+
+AutoConfig.register(PLTConfig.model_type, PLTConfig, exist_ok=True)
+AutoModel.register(PLTConfig, PLTModel, exist_ok=True)
+AutoModelForCausalLM.register(PLTConfig, PLTForCausalLM, exist_ok=True)
+
+__all__ = ["ConfigError", "PLTCache", "PLTConfig", "PLTForCausalLM", "PLTModel"]
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""Attention masks and the softmax-attention kernel that both G-SWA branches use.
+
+Masks work in *slots* (index in the padded sequence), not in RoPE positions: with left padding the two differ by
+the row's pad count, and causality and the window are about which slots came earlier.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, k_valid: torch.Tensor,
+              window: int | None = None) -> torch.Tensor:
+    """Boolean mask `[B, 1, Tq, Tk]`: may query slot t attend to key slot j?
+
+    Causal (`j <= t`), within `window` when given (`t - window <= j`), and only to real (non-pad) keys.
+    A query may always attend to itself, so that a pad query row is never empty (no NaN from an all-masked
+    softmax); real queries never see pad keys, so this changes no real token's result.
+    """
+    diff = q_slots[:, None] - k_slots[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= diff <= window
+    return ((allowed[None] & k_valid[:, None, :]) | (diff == 0)[None])[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with grouped KV heads: q `[B, H, Tq, hd]`, k/v `[B, Hkv, Tk, hd]`, mask `[B, 1, Tq, Tk]`."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,45 @@
+"""`parloop`: one command line with a subcommand per job (litgpt style).
+
+Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args) -> int | None`.
+Keep their top-level imports light: building the parser imports every command module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("parloop.bench", "decode latency, prefill time and KV-cache bytes per loop mode and loop count"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from parloop import __version__
+
+    parser = argparse.ArgumentParser(prog="parloop", description="Parallel Loop Transformers: train, decode, "
+                                     "serve, benchmark and study how many loops a model should have.")
+    parser.add_argument("--version", action="version", version=f"parloop {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text,
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        cmd.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    code = importlib.import_module(args._module).run(args)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

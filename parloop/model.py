@@ -1,0 +1,357 @@
+"""The Parallel Loop Transformer (DESIGN.md sections 1-2) in one file.
+
+A stack of Llama blocks is applied R times ("loops"). Loop 0 is an ordinary causal transformer over the token
+embeddings E. Loop r >= 1 reads `a * E[t] + b * H[r-1][t-1]`: the previous loop's state one token EARLIER (the
+cross-loop offset). Its attention is shared-KV gated sliding-window attention (G-SWA): a global branch over loop 0's
+keys/values of the same layer, a local branch over its own keys in a window of W+1, mixed by a learned gate.
+
+Because of the offset, when token t is decoded every loop's input is already known, so a decode step runs all R
+loops as R stacked "streams" through each layer once (`_decode_stacked`); the weights are read once per token.
+
+Hidden states inside the layers are `[B, S, T, d]`: S loop streams (1 when loops run one after another over a
+chunk of T tokens; R in a stacked decode step, where T = 1) over T positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from parloop.attention import attend
+from parloop.cache import ForwardKV, PLTCache, Step
+from parloop.config import PLTConfig
+
+KVStore = PLTCache | ForwardKV
+
+
+class PLTRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in fp32 and cast back before the weight, exactly as Llama does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class PLTRotaryEmbedding(nn.Module):
+    """RoPE with a cos/sin table built once and extended only when a longer position shows up."""
+
+    def __init__(self, config: PLTConfig) -> None:
+        super().__init__()
+        self.config = config
+        inv_freq, self.scaling = self.compute_inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos_table", torch.empty(0), persistent=False)
+        self.register_buffer("sin_table", torch.empty(0), persistent=False)
+
+    def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
+        config = self.config
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type == "default":
+            theta, dim = config.rope_parameters["rope_theta"], config.head_dim
+            return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+        if rope_type in ROPE_INIT_FUNCTIONS and rope_type != "dynamic":
+            return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        raise ValueError(f"PLTConfig.rope_parameters rope_type = {rope_type!r} is not supported: use one of "
+                         f"default, {', '.join(t for t in ROPE_INIT_FUNCTIONS if t != 'dynamic')}")
+
+    def _extend(self, length: int) -> None:
+        length = max(length, 2 * self.cos_table.shape[0], 256)
+        freqs = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)[:, None] * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos_table = emb.cos() * self.scaling
+        self.sin_table = emb.sin() * self.scaling
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[B, 1, 1, T, hd]`, broadcastable over streams and heads."""
+        needed = int(position_ids.max()) + 1 if position_ids.numel() else 1
+        if needed > self.cos_table.shape[0] or self.cos_table.device != position_ids.device:
+            self._extend(needed)
+        cos = self.cos_table[position_ids].to(dtype)[:, None, None]
+        sin = self.sin_table[position_ids].to(dtype)[:, None, None]
+        return cos, sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class PLTMLP(nn.Module):
+    def __init__(self, config: PLTConfig) -> None:
+        super().__init__()
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PLTGate(nn.Module):
+    """The G-SWA gate g in (0, 1) per head: weight on the global (shared-KV) branch.
+
+    Query gate: `g = sigmoid(q . w[h] + b[h])` with the post-RoPE query of head h.
+    Hidden-state gate: `g = sigmoid(w @ gate_norm(h_in) + b)[h]` with the block input before input_layernorm.
+    """
+
+    def __init__(self, config: PLTConfig) -> None:
+        super().__init__()
+        self.use_hidden_states = config.plt_gate_use_hidden_states
+        in_dim = config.hidden_size if self.use_hidden_states else config.head_dim
+        self.weight = nn.Parameter(torch.empty(config.num_attention_heads, in_dim))
+        self.bias = nn.Parameter(torch.zeros(config.num_attention_heads))
+        if self.use_hidden_states:
+            self.gate_norm = PLTRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, q: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
+        """q `[B, S, H, T, hd]`, h_in `[B, S, T, d]` -> g `[B, S, H, T, 1]`."""
+        if self.use_hidden_states:
+            logits = F.linear(self.gate_norm(h_in), self.weight, self.bias).transpose(-1, -2)
+        else:
+            logits = torch.einsum("bshtd,hd->bsht", q, self.weight) + self.bias[:, None]
+        return torch.sigmoid(logits)[..., None]
+
+
+class PLTAttention(nn.Module):
+    def __init__(self, config: PLTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
+        self.mode = config.plt_loop_mode
+        self.gated = config.plt_num_loops > 1 and self.mode != "sequential"
+        if self.gated:
+            self.plt_gate = PLTGate(config)
+
+    def forward(self, x: torch.Tensor, h_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                first_loop: int, kv: KVStore, step: Step) -> torch.Tensor:
+        """x: normed block input `[B, S, T, d]` of loops first_loop..first_loop+S-1; h_in: the same before the norm."""
+        B, S, T, _ = x.shape
+        H, Hkv, hd, layer = self.num_heads, self.num_kv_heads, self.head_dim, self.layer_idx
+        q = apply_rope(self.q_proj(x).view(B, S, T, H, hd).transpose(2, 3), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, S, T, Hkv, hd).transpose(2, 3), cos, sin)
+        v = self.v_proj(x).view(B, S, T, Hkv, hd).transpose(2, 3)
+
+        if not self.gated:
+            # R = 1, or vanilla looped (`sequential`): plain causal attention over this loop's own full cache
+            keys, values = kv.append(layer, first_loop if self.mode == "sequential" else 0, k[:, 0], v[:, 0])
+            out = attend(q[:, 0], keys, values, step.global_mask)[:, None]
+        else:
+            # Global branch: every stream attends to loop 0's keys of this layer. Loop 0's stream writes them
+            # first; streams are folded into the query rows (with T = 1 or S = 1 the mask broadcasts).
+            if first_loop == 0:
+                keys0, values0 = kv.append(layer, 0, k[:, 0], v[:, 0])
+            else:
+                keys0, values0 = kv.view(layer, 0)
+            rows = q.transpose(1, 2).reshape(B, H, S * T, hd)
+            out = attend(rows, keys0, values0, step.global_mask).view(B, H, S, T, hd).transpose(1, 2)
+
+            # Local branch of loops >= 1: each loop's own keys, t-W..t. Streams are folded into the head axis so
+            # one call serves all loops (query head s*H+h maps to KV head s*Hkv + h // (H/Hkv)).
+            lo = 1 if first_loop == 0 else 0
+            if lo < S:
+                n = S - lo
+                qs = q[:, lo:]
+                wk, wv = kv.window(layer, first_loop + lo, k[:, lo:], v[:, lo:])
+                local = attend(qs.reshape(B, n * H, T, hd), wk.reshape(B, n * Hkv, -1, hd),
+                               wv.reshape(B, n * Hkv, -1, hd), step.local_mask).view(B, n, H, T, hd)
+                g = self.plt_gate(qs, h_in[:, lo:])
+                mixed = g * out[:, lo:] + (1 - g) * local
+                out = mixed if lo == 0 else torch.cat([out[:, :1], mixed], dim=1)
+        return self.o_proj(out.transpose(2, 3).reshape(B, S, T, H * hd))
+
+
+class PLTDecoderLayer(nn.Module):
+    def __init__(self, config: PLTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = PLTAttention(config, layer_idx)
+        self.mlp = PLTMLP(config)
+        self.input_layernorm = PLTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = PLTRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int, kv: KVStore,
+                step: Step) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), h, cos, sin, first_loop, kv, step)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+@dataclass
+class PLTOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus, on request, the state after each loop (`[B, T, d]` each, before any norm)."""
+
+    loop_states: tuple[torch.Tensor, ...] | None = None
+
+
+class PLTPreTrainedModel(PreTrainedModel):
+    config_class = PLTConfig
+    config: PLTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["PLTDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, PLTRotaryEmbedding):  # non-persistent buffers: rebuilt after a meta-device load
+            init.copy_(module.inv_freq, module.compute_inv_freq()[0])
+            module.cos_table = module.sin_table = torch.empty(0, device=module.inv_freq.device)
+        if isinstance(module, PLTGate):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+
+
+class PLTModel(PLTPreTrainedModel):
+    def __init__(self, config: PLTConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(PLTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = PLTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = PLTRotaryEmbedding(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int, kv: KVStore,
+                step: Step) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, cos, sin, first_loop, kv, step)
+        return h
+
+    def _loop_input(self, emb: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        a = 1.0 if self.config.plt_emb_scale is None else self.config.plt_emb_scale
+        b = 1.0 if self.config.plt_hidden_scale is None else self.config.plt_hidden_scale
+        return a * emb + b * prev
+
+    def _handoff(self, h: torch.Tensor) -> torch.Tensor:
+        """What loop r passes to loop r+1: H[r] = norm(h) if plt_normalize_per_loop else h."""
+        return self.norm(h) if self.config.plt_normalize_per_loop else h
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: PLTCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_loop_states: bool = False) -> tuple[torch.Tensor, PLTCache | None, tuple | None]:
+        """Returns (final normed hidden states `[B, T, d]`, cache, loop states or None)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = emb.shape
+        if use_cache and past_key_values is None:
+            past_key_values = PLTCache(self.config, max_length=T)
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        if cache is not None:
+            kv: KVStore = cache
+            step = cache.begin(attention_mask, B, T, emb.dtype, emb.device)
+        else:
+            kv = ForwardKV(self.config, attention_mask, B, T, emb.device)
+            step = kv.step
+        if position_ids is None:
+            position_ids = step.position_ids
+        cos, sin = self.rotary_emb(position_ids, emb.dtype)
+
+        R = self.config.plt_num_loops
+        if cache is not None and T == 1 and R > 1 and self.config.plt_loop_mode == "parallel":
+            h, states = self._decode_stacked(emb, cos, sin, cache, step)
+        else:
+            h, states = self._loops_one_by_one(emb, cos, sin, kv, step, cache)
+        return self.norm(h), cache, (tuple(states) if output_loop_states else None)
+
+    def _loops_one_by_one(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, step: Step,
+                          cache: PLTCache | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Training, prefill and the sequential modes: loop r runs over the whole chunk after loop r-1."""
+        states = []
+        h = self._layers(emb[:, None], cos, sin, 0, kv, step)[:, 0]
+        states.append(h)
+        for r in range(1, self.config.plt_num_loops):
+            prev = self._handoff(h)
+            if self.config.plt_loop_mode == "parallel":
+                # the offset: loop r at t reads loop r-1 at t-1; the carry is loop r-1's state at the slot before
+                # this chunk (zero at the start); a pad slot before a token contributes nothing.
+                carry = cache.carries[r - 1][:, None] if cache is not None else torch.zeros_like(prev[:, :1])
+                shifted = torch.cat([carry, prev[:, :-1]], dim=1) * step.prev_valid
+                if cache is not None:
+                    cache.carries[r - 1] = prev[:, -1]
+                prev = shifted
+            h = self._layers(self._loop_input(emb, prev)[:, None], cos, sin, r, kv, step)[:, 0]
+            states.append(h)
+        return h, states
+
+    def _decode_stacked(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PLTCache,
+                        step: Step) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One new token in `parallel` mode: all R loops as R streams through each layer once.
+
+        Loop r's input a*E[t] + b*H[r-1][t-1] needs only the carry from the previous step, so the streams are
+        independent within the step. Afterwards stream r (< R-1) becomes the carry for loop r+1.
+        """
+        carried = self._loop_input(emb[:, None], cache.carries[:, :, None].transpose(0, 1) * step.prev_valid[:, None])
+        streams = torch.cat([emb[:, None], carried], dim=1)  # [B, R, 1, d]
+        h = self._layers(streams, cos, sin, 0, cache, step)
+        cache.carries.copy_(self._handoff(h[:, :-1, 0]).transpose(0, 1))
+        return h[:, -1], list(h.unbind(1))
+
+
+class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PLTConfig) -> None:
+        super().__init__(config)
+        self.model = PLTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: PLTCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                output_loop_states: bool = False, **kwargs) -> PLTOutput:
+        """Logits of the final loop, and the shifted next-token cross-entropy when `labels` are given (-100 is
+        ignored), like any causal LM in `transformers`."""
+        hidden, cache, states = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                                           use_cache, output_loop_states)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return PLTOutput(loss=loss, logits=logits, past_key_values=cache, loop_states=states)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
+                                      batch_size: int, max_cache_length: int) -> None:
+        # generate() would otherwise build a DynamicCache; ours is sized for the whole generation up front.
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = PLTCache(self.config, max_length=max_cache_length)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                              max_cache_length)

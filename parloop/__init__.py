@@ -8,11 +8,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from parloop.cache import PLTCache
 from parloop.config import ConfigError, PLTConfig
-from parloop.model import PLTForCausalLM, PLTModel
+from parloop.model import CheckpointError, PLTForCausalLM, PLTModel
 
 AutoConfig.register(PLTConfig.model_type, PLTConfig, exist_ok=True)
 AutoModel.register(PLTConfig, PLTModel, exist_ok=True)
 AutoModelForCausalLM.register(PLTConfig, PLTForCausalLM, exist_ok=True)
 
-__all__ = ["ConfigError", "PLTCache", "PLTConfig", "PLTForCausalLM", "PLTModel"]
+__all__ = ["CheckpointError", "ConfigError", "PLTCache", "PLTConfig", "PLTForCausalLM", "PLTModel"]
 __version__ = "0.1.0"

@@ -14,10 +14,13 @@ chunk of T tokens; R in a stacked decode step, where T = 1) over T positions.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -316,8 +319,52 @@ class PLTModel(PLTPreTrainedModel):
         return h[:, -1], list(h.unbind(1))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, corrupt, or whose weights do not match the model its config describes."""
+
+
+def check_weight_files(directory: Path) -> None:
+    """Fail, naming the file, if a safetensors file of the checkpoint is missing, truncated or corrupt."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({err})") from err
+    else:
+        names = [p.name for p in sorted(directory.glob("*.safetensors"))]
+    for name in names:
+        path = directory / name
+        if not path.exists():
+            raise CheckpointError(f"{path} is listed in {index.name} but missing: the checkpoint is incomplete")
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own error type for every kind of damage
+            raise CheckpointError(f"{path} is truncated or corrupt ({err}); save or download it again") from err
+
+
 class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> PLTForCausalLM:  # type: ignore[override]
+        """`PreTrainedModel.from_pretrained`, but strict: a missing, unexpected or wrongly shaped weight raises
+        `CheckpointError` naming it, instead of being randomly initialised or dropped with a warning."""
+        if args and Path(args[0]).is_dir():
+            check_weight_files(Path(args[0]))
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # so that we can name the key ourselves
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = [f"missing weight {k}" for k in sorted(info["missing_keys"])]
+        problems += [f"unexpected weight {k}" for k in sorted(info["unexpected_keys"])]
+        problems += [f"weight {m[0]} has shape {tuple(m[1])} in the checkpoint but the config needs {tuple(m[2])}"
+                     for m in sorted(info["mismatched_keys"])]
+        if problems:
+            raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems)
+                                  + ". Check plt_num_loops, plt_loop_mode, plt_gate_use_hidden_states, "
+                                  "tie_word_embeddings and the sizes in config.json against the weight files.")
+        return (model, info) if want_info else model
 
     def __init__(self, config: PLTConfig) -> None:
         super().__init__(config)

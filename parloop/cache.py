@@ -75,14 +75,18 @@ class PLTCache(Cache):
 
     Buffers are allocated at the first forward call (when batch size, dtype and device are known) with room for
     `max_length` slots, and grow by doubling if a call needs more, so decoding allocates nothing per step.
+
+    With `static=True` attention always spans the whole preallocated capacity (unwritten slots are masked), so
+    every decode step has the same shapes and `torch.compile` compiles it once.
     """
 
     is_compileable = False
 
-    def __init__(self, config: PLTConfig, max_length: int = 256) -> None:
+    def __init__(self, config: PLTConfig, max_length: int = 256, static: bool = False) -> None:
         super().__init__(layers=[])
         self.config = config
         self.capacity = max(1, int(max_length))
+        self.static = static
         self.length = 0
         self.keys: torch.Tensor | None = None
 
@@ -132,13 +136,16 @@ class PLTCache(Cache):
             # transformers passes the mask of the whole sequence (past + new); a mask of the new tokens also works
             valid_new = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
         self.valid[:, start:end] = valid_new
+        # written through index tensors so that the writes of a compiled step do not depend on Python ints
+        self._slots = torch.arange(start, end, device=device)
+        self._ring_entries = self._slots[-(self.config.window + 1):] % (self.config.window + 1)
+        self._span = self.capacity if self.static else end
         position_ids = _positions(valid_new, self.real)
         self.real += valid_new.sum(-1)
         prev = self.valid[:, start - 1:end - 1] if start > 0 else torch.cat(
             [torch.zeros_like(valid_new[:, :1]), valid_new[:, :-1]], dim=1)
-        q_slots = torch.arange(start, end, device=device)
-        k_slots = torch.arange(end, device=device)
-        global_mask = slot_mask(q_slots, k_slots, self.valid[:, :end])
+        q_slots = self._slots
+        global_mask = slot_mask(q_slots, torch.arange(self._span, device=device), self.valid[:, :self._span])
         local_mask = None
         if self.win_keys.shape[1] > 0:
             ring_slots = self._ring_slots(start, device)
@@ -159,14 +166,12 @@ class PLTCache(Cache):
     # -- what the attention layers call ---------------------------------------------------------------------------
     def append(self, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys `[B, Hkv, T, hd]` of a full-cache loop; return all keys so far."""
-        end = self.length
-        start = end - k.shape[2]
-        self.keys[layer, loop, :, :, start:end] = k
-        self.values[layer, loop, :, :, start:end] = v
+        self.keys[layer, loop].index_copy_(2, self._slots, k)
+        self.values[layer, loop].index_copy_(2, self._slots, v)
         return self.view(layer, loop)
 
     def view(self, layer: int, loop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[layer, loop, :, :, :self.length], self.values[layer, loop, :, :, :self.length]
+        return self.keys[layer, loop, :, :, :self._span], self.values[layer, loop, :, :, :self._span]
 
     def window(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """New window keys `[B, S, Hkv, T, hd]` of loops `first..first+S-1` (all >= 1): return the ring's keys
@@ -176,11 +181,9 @@ class PLTCache(Cache):
         ring_k = self.win_keys[layer, loops].transpose(0, 1)
         ring_v = self.win_values[layer, loops].transpose(0, 1)
         keys, values = torch.cat([ring_k, k], dim=3), torch.cat([ring_v, v], dim=3)
-        size = self.config.window + 1
-        keep = min(new, size)
-        entries = torch.arange(self.length - keep, self.length, device=k.device) % size
-        self.win_keys[layer, loops].index_copy_(3, entries, k[:, :, :, new - keep:].transpose(0, 1))
-        self.win_values[layer, loops].index_copy_(3, entries, v[:, :, :, new - keep:].transpose(0, 1))
+        keep = self._ring_entries.shape[0]
+        self.win_keys[layer, loops].index_copy_(3, self._ring_entries, k[:, :, :, new - keep:].transpose(0, 1))
+        self.win_values[layer, loops].index_copy_(3, self._ring_entries, v[:, :, :, new - keep:].transpose(0, 1))
         return keys, values
 
     # -- transformers Cache API -----------------------------------------------------------------------------------

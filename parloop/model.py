@@ -48,10 +48,11 @@ class PLTLinear(nn.Linear):
         rows = x.numel() // self.in_features
         if x.device.type != "cpu" or rows == 1 or rows >= self.SMALL_ROWS:
             return F.linear(x, self.weight, self.bias)
-        out = (self.weight @ x.reshape(rows, self.in_features).T).T
+        # contiguous: a column-major result would push every later op (and SDPA) onto slow strided paths
+        out = (self.weight @ x.reshape(rows, self.in_features).T).T.contiguous()
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 class PLTRMSNorm(nn.Module):

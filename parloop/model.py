@@ -97,9 +97,11 @@ class PLTRotaryEmbedding(nn.Module):
         self.cos_table = emb.cos() * self.scaling
         self.sin_table = emb.sin() * self.scaling
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[B, 1, 1, T, hd]`, broadcastable over streams and heads."""
-        needed = int(position_ids.max()) + 1 if position_ids.numel() else 1
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[B, 1, 1, T, hd]`, broadcastable over streams and heads. `bound` (> every position) spares
+        reading the positions back from the GPU, which would stall every decode step."""
+        needed = bound if bound is not None else int(position_ids.max()) + 1 if position_ids.numel() else 1
         if needed > self.cos_table.shape[0] or self.cos_table.device != position_ids.device:
             self._extend(needed)
         cos = self.cos_table[position_ids].to(dtype)[:, None, None]
@@ -302,9 +304,10 @@ class PLTModel(PLTPreTrainedModel):
         else:
             kv = ForwardKV(self.config, attention_mask, B, T, emb.device)
             step = kv.step
-        if position_ids is None:
-            position_ids = step.position_ids
-        cos, sin = self.rotary_emb(position_ids, emb.dtype)
+        bound = None
+        if position_ids is None:  # our positions count real tokens, so they stay below the slot count
+            position_ids, bound = step.position_ids, step.start + T
+        cos, sin = self.rotary_emb(position_ids, emb.dtype, bound)
 
         R = self.config.plt_num_loops
         if cache is not None and T == 1 and R > 1 and self.config.plt_loop_mode == "parallel":

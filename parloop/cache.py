@@ -36,6 +36,10 @@ class Step:
     local_mask: torch.Tensor | None  # [B, 1, T, Tl] over this loop's window keys (G-SWA modes, R > 1)
 
 
+# the batch (sequence) dimension of each per-sequence buffer
+ROW_DIMS = {"keys": 2, "values": 2, "win_keys": 2, "win_values": 2, "carries": 1, "valid": 0, "real": 0}
+
+
 def _positions(valid_new: torch.Tensor, real_before: torch.Tensor) -> torch.Tensor:
     return (real_before[:, None] + valid_new.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -91,7 +95,8 @@ class PLTCache(Cache):
         self.keys: torch.Tensor | None = None
 
     # -- allocation ---------------------------------------------------------------------------------------------
-    def _allocate(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
+    def allocate(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate empty buffers for `batch` sequences (done by the first forward call when not called)."""
         c = self.config
         loops, hkv, hd = c.plt_num_loops, c.num_key_value_heads, c.head_dim
         full_loops = loops if c.plt_loop_mode == "sequential" else 1
@@ -106,7 +111,10 @@ class PLTCache(Cache):
         self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
         self.real = torch.zeros(batch, dtype=torch.long, device=device)
 
-    def _grow(self, needed: int) -> None:
+    def reserve(self, needed: int) -> None:
+        """Make room for at least `needed` slots (doubling, so growth is amortised)."""
+        if needed <= self.capacity:
+            return
         new_cap = max(needed, 2 * self.capacity)
         pad = new_cap - self.capacity
         self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
@@ -123,13 +131,12 @@ class PLTCache(Cache):
               device: torch.device) -> Step:
         """Reserve slots for `length` new tokens and build this call's positions and masks."""
         if self.keys is None:
-            self._allocate(batch, dtype, device)
+            self.allocate(batch, dtype, device)
         elif batch != self.batch_size:
             raise ValueError(f"PLTCache holds {self.batch_size} sequences but the input has {batch}; use a new "
                              "cache (or reorder_cache) for a different batch")
         start, end = self.length, self.length + length
-        if end > self.capacity:
-            self._grow(end)
+        self.reserve(end)
         if attention_mask is None:
             valid_new = torch.ones(batch, length, dtype=torch.bool, device=device)
         else:
@@ -196,10 +203,71 @@ class PLTCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.keys is None:
             return
-        for name, dim in (("keys", 2), ("values", 2), ("win_keys", 2), ("win_values", 2), ("carries", 1),
-                          ("valid", 0), ("real", 0)):
+        for name, dim in ROW_DIMS.items():
             tensor = getattr(self, name)
             setattr(self, name, tensor.index_select(dim, beam_idx.to(tensor.device)))
+
+    # -- rows and slots, for continuous batching (parloop.engine) ---------------------------------------------------
+    def resize_rows(self, rows: int) -> None:
+        """Hold exactly `rows` sequences: keep the first ones, add empty (all-pad) rows at the end."""
+        for name, dim in ROW_DIMS.items():
+            tensor = getattr(self, name)
+            have = tensor.shape[dim]
+            if rows <= have:
+                tensor = tensor.narrow(dim, 0, rows).clone()
+            else:
+                shape = list(tensor.shape)
+                shape[dim] = rows - have
+                tensor = torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+            setattr(self, name, tensor)
+
+    def shift_slots(self, delta: int) -> None:
+        """Move every row's tokens `delta` slots right (left when negative); what moves in from the left is padding.
+
+        Only slot differences enter the masks and positions count real tokens, so a shift changes no result. The
+        window rings hold slot p at entry p % (W+1): shifting the slot axis by delta rotates every ring by delta.
+        """
+        old, new = self.length, self.length + delta
+        if new < 0:
+            raise ValueError(f"cannot shift {old} slots by {delta}")
+        self.reserve(new)
+        keep = min(old, new)
+        src, dst = slice(old - keep, old), slice(new - keep, new)
+        for name in ("keys", "values"):
+            tensor = getattr(self, name)
+            moved = tensor[..., src, :].clone()
+            tensor[..., :new, :] = 0
+            tensor[..., dst, :] = moved
+        moved = self.valid[:, src].clone()
+        self.valid[:, :max(old, new)] = False
+        self.valid[:, dst] = moved
+        size = self.win_keys.shape[-2]
+        self.win_keys = torch.roll(self.win_keys, delta % size, dims=-2)
+        self.win_values = torch.roll(self.win_values, delta % size, dims=-2)
+        self.length = new
+
+    def clear_row(self, row: int) -> None:
+        """Make `row` empty: every slot padding, zero keys, values, windows and carries."""
+        for name, dim in ROW_DIMS.items():
+            getattr(self, name).select(dim, row).zero_()
+
+    def insert_row(self, row: int, src: PLTCache, src_row: int) -> None:
+        """Copy sequence `src_row` of `src` (a left-padded prefill cache) into `row`, its last token in this cache's
+        last slot; this cache is shifted right first when the sequence is longer than its slot span."""
+        n = int(src.real[src_row])
+        if n > self.length:
+            self.shift_slots(n - self.length)
+        self.clear_row(row)
+        end, src_end = self.length, src.length
+        self.keys[:, :, row, :, end - n:end] = src.keys[:, :, src_row, :, src_end - n:src_end]
+        self.values[:, :, row, :, end - n:end] = src.values[:, :, src_row, :, src_end - n:src_end]
+        self.valid[row, end - n:end] = True
+        self.real[row] = n
+        self.carries[:, row] = src.carries[:, src_row]
+        # ring entry e of src holds src slot p = e mod (W+1), which is slot p + (end - src_end) here
+        offset = (end - src_end) % self.win_keys.shape[-2]
+        self.win_keys[:, :, row] = torch.roll(src.win_keys[:, :, src_row], offset, dims=-2)
+        self.win_values[:, :, row] = torch.roll(src.win_values[:, :, src_row], offset, dims=-2)
 
     def reset(self) -> None:
         self.length = 0
@@ -209,8 +277,13 @@ class PLTCache(Cache):
     def kv_cache_bytes(self) -> int:
         """Bytes of keys and values held for the tokens seen so far (all layers, all sequences): loop 0's (or
         every loop's) full cache up to the current length, plus the filled part of each window ring."""
+        return self.batch_size * self.sequence_kv_bytes(self.length)
+
+    def sequence_kv_bytes(self, tokens: int) -> int:
+        """Bytes of keys and values that one sequence of `tokens` tokens holds, read off the buffers' shapes."""
         if self.keys is None:
             return 0
-        full = self.keys[..., :self.length, :]
-        ring = self.win_keys[..., :min(self.length, self.win_keys.shape[-2]), :]
-        return 2 * (full.numel() * full.element_size() + ring.numel() * ring.element_size())
+        layers, full_loops, _, kv_heads, _, head_dim = self.keys.shape
+        win_loops, ring = self.win_keys.shape[1], self.win_keys.shape[-2]
+        per_token = 2 * layers * kv_heads * head_dim * self.keys.element_size()
+        return per_token * (full_loops * tokens + win_loops * min(tokens, ring))

@@ -8,6 +8,11 @@ import torch
 from parloop import PLTConfig, PLTForCausalLM
 
 
+# The test models are tiny: with more than one intra-op thread, OpenMP's hand-offs cost more than the work, and on a
+# loaded 2-core machine a 32x48 matmul took ms instead of µs.
+torch.set_num_threads(1)
+
+
 def tiny_config(**overrides: Any) -> PLTConfig:
     """A model small enough to run every test on a CPU in milliseconds; the window is shorter than the test texts."""
     fields: dict[str, Any] = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

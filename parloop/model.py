@@ -428,6 +428,9 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
     def compile_decode(self, **compile_kwargs) -> None:
         """Compile the layer stack of one-token steps with `torch.compile`. It is used when decoding with a
         `PLTCache(static=True)` (or `generate(..., cache_implementation="static")`), whose shapes never change."""
+        # Dynamo caches compiled graphs per code object, so every model in a process (and every loop index of the
+        # sequential modes) shares `run_layers`' budget of recompilations; past it, decoding silently runs eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.model.compiled_layers = torch.compile(self.model.run_layers, dynamic=False, **compile_kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,

@@ -1,0 +1,128 @@
+"""`parloop bench` on a tiny model: the JSON it writes, the KV bytes against DESIGN.md section 3, the sweep's grid
+and plots, the shared weights of every row and the reference, and its errors. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from parloop.bench import PRESETS, build_plt, build_reference, plt_config
+from parloop.cli import main
+
+TINY = ["bench", "--preset", "tiny", "--new-tokens", "3", "--warmup", "1", "--bandwidth-mb", "4", "--no-progress"]
+ROW_FIELDS = {"mode", "loops", "batch", "context", "new_tokens", "params", "decode_ms_per_token", "prefill_ms",
+              "kv_cache_bytes", "kv_cache_bytes_formula", "ratio_to_r1", "bytes_per_step", "achieved_gbs",
+              "achieved_bandwidth_pct"}
+
+
+def design_kv_bytes(model: dict, mode: str, loops: int, batch: int, length: int, window: int) -> int:
+    """DESIGN.md section 3, per sequence and layer: `2*n_kv*hd*s*(T + (R-1)*min(T, W+1))`, or `2*n_kv*hd*s*R*T`
+    in `sequential` mode; fp32 here."""
+    per_slot = 2 * model["num_key_value_heads"] * model["head_dim"] * 4
+    slots = loops * length if mode == "sequential" else length + (loops - 1) * min(length, window + 1)
+    return model["num_hidden_layers"] * batch * per_slot * slots
+
+
+def bench(tmp_path, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    assert main([*TINY, *args, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_rows_fields_ratios_and_kv_bytes(tmp_path, capsys):
+    result = bench(tmp_path, "--loops", "1", "2", "3", "--batch", "2", "--context", "20", "--window", "4")
+    rows, model = result["rows"], result["model"]
+    modes = ("parallel", "sequential_shared", "sequential")
+    assert sorted((r["mode"], r["loops"]) for r in rows) == sorted((m, r) for m in modes for r in (1, 2, 3))
+    length = 20 + 1 + 3  # context + warm-up + timed steps
+    for row in rows:
+        assert row.keys() >= ROW_FIELDS
+        assert (row["batch"], row["context"], row["new_tokens"]) == (2, 20, 3)
+        expected = design_kv_bytes(model, row["mode"], row["loops"], 2, length, 4)
+        assert row["kv_cache_bytes"] == expected == row["kv_cache_bytes_formula"], row
+        assert row["decode_ms_per_token"] > 0 and row["prefill_ms"] > 0 and row["achieved_bandwidth_pct"] > 0
+        assert row["ratio_to_r1"] > 0
+
+    by = {(r["mode"], r["loops"]): r for r in rows}
+    assert by["parallel", 1]["ratio_to_r1"] == 1.0
+    # the window (5 slots) is shorter than the text, so parallel R=3 stores 2 windows, sequential 3 full caches
+    assert by["parallel", 3]["kv_cache_bytes"] < by["sequential", 3]["kv_cache_bytes"]
+
+    # one set of weights: R = 1 and `sequential` have no gates; the G-SWA modes add a [H, hd] weight and [H] bias
+    params = model["params_r1"]
+    gates = model["num_hidden_layers"] * model["num_attention_heads"] * (model["head_dim"] + 1)
+    for (mode, loops), row in by.items():
+        assert row["params"] == params + (gates if loops > 1 and mode != "sequential" else 0)
+
+    # bytes a parallel step reads: all weights once (lm_head = the tied embedding), the new tokens' embedding
+    # rows, and the KV of loop 0 plus the windows at the timed steps' middle length
+    mid = 20 + 1 + 2
+    kv_read = design_kv_bytes(model, "parallel", 3, 2, mid, 4)
+    assert by["parallel", 3]["bytes_per_step"] == 4 * (params + gates) + 2 * model["hidden_size"] * 4 + kv_read
+    # the sequential modes read the layers once per loop
+    assert by["sequential_shared", 3]["bytes_per_step"] > by["parallel", 3]["bytes_per_step"]
+    assert by["sequential", 1]["bytes_per_step"] == by["parallel", 1]["bytes_per_step"]
+
+    ref, machine = result["reference"], result["machine"]
+    assert ref["params"] == params and ref["decode_ms_per_token"] > 0 and ref["generate_ms_per_token"] > 0
+    assert ref["r1_over_reference"] > 0 and ref["r1_over_reference_generate"] > 0
+    assert machine["memory_bandwidth_gbs"] > 0 and machine["threads"] >= 1
+    assert machine["torch_version"] == torch.__version__ and machine["device"] == "cpu"
+
+    table = capsys.readouterr().out
+    assert "decode ms/tok" in table and "transformers LlamaForCausalLM" in table
+    assert sum(line.startswith(modes) for line in table.splitlines()) == len(rows)
+    assert "NO (" not in table
+
+
+def test_kv_bytes_when_window_exceeds_text(tmp_path):
+    result = bench(tmp_path, "--loops", "2", "4", "--modes", "parallel", "sequential", "--context", "5",
+                   "--window", "64")
+    for row in result["rows"]:
+        expected = design_kv_bytes(result["model"], row["mode"], row["loops"], 1, 5 + 1 + 3, 64)
+        assert row["kv_cache_bytes"] == expected, row
+        assert row["ratio_to_r1"] is None  # no R = 1 row was asked for
+
+
+def test_sweep_grid_and_plots(tmp_path):
+    plots = tmp_path / "plots"
+    result = bench(tmp_path, "--sweep", "--sweep-loops", "1", "2", "--sweep-batches", "1", "2",
+                   "--sweep-contexts", "8", "16", "--context", "8", "--modes", "parallel", "sequential",
+                   "--plot-dir", str(plots))
+    got = [(r["mode"], r["loops"], r["batch"], r["context"]) for r in result["rows"]]
+    points = {(r, b, 8) for r in (1, 2) for b in (1, 2)} | {(r, 1, c) for r in (1, 2) for c in (8, 16)}
+    assert sorted(got) == sorted((m, *p) for m in ("parallel", "sequential") for p in points)
+    for name in ("decode_latency_vs_loops.png", "kv_bytes_vs_context.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_all_rows_and_the_reference_share_the_r1_weights():
+    shape = PRESETS["tiny"]
+    base = build_plt(plt_config(shape, 1, "parallel", 4, 64), None, seed=0)
+    state = base.state_dict()
+    par = build_plt(plt_config(shape, 2, "parallel", 4, 64), state, seed=0).state_dict()
+    shared = build_plt(plt_config(shape, 2, "sequential_shared", 4, 64), state, seed=0).state_dict()
+    seq = build_plt(plt_config(shape, 2, "sequential", 4, 64), state, seed=0).state_dict()
+    assert par.keys() == shared.keys() and all(torch.equal(par[k], shared[k]) for k in par)
+    assert seq.keys() == state.keys() and all(torch.equal(seq[k], state[k]) for k in state)
+    assert all(torch.equal(par[k], state[k]) for k in state)
+
+    llama = build_reference(base.config, state)
+    ids = torch.randint(shape["vocab_size"], (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_errors_say_what_to_change(capsys):
+    assert main([*TINY, "--warmup", "-1"]) == 2
+    assert "warmup and window must be >= 0" in capsys.readouterr().err
+    assert main([*TINY, "--heads", "3"]) == 2  # 3 heads cannot share the preset's 2 KV heads
+    assert "num_key_value_heads" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*TINY, "--loops", "0"])
+    assert "must be an integer >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*TINY, "--device", "cuda"]) == 2
+        assert "--device cpu" in capsys.readouterr().err

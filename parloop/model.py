@@ -30,26 +30,26 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from parloop.attention import attend
 from parloop.cache import ForwardKV, PLTCache, Step
 from parloop.config import PLTConfig
+from parloop.kernels import few_rows_linear
 
 KVStore = PLTCache | ForwardKV
 
 
 class PLTLinear(nn.Linear):
-    """`nn.Linear` that keeps decoding with a few rows (stacked loop streams) as cheap as with one.
+    """`nn.Linear` that keeps a decode step with a few rows (stacked loop streams) as cheap as with one row.
 
-    On CPU, MKL runs `x @ W.T` with 2-7 rows up to twice as slow as with 1, while `W @ x.T` stays as flat as a
-    matrix-vector product (both read W once). Stacking R loops into one pass only pays off if R rows cost what one
-    row costs, so small row counts take the second layout.
+    Stacking R loops into one pass only pays off if the weights are streamed once for all R rows; on CPU the
+    usual `x @ W.T` can cost up to R times more, so a few rows go through `few_rows_linear`, which uses the
+    layout measured fastest for the shape on this machine.
     """
 
-    SMALL_ROWS = 8
+    FEW_ROWS = 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.device.type != "cpu" or rows == 1 or rows >= self.SMALL_ROWS:
+        if x.device.type != "cpu" or rows >= self.FEW_ROWS or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        # contiguous: a column-major result would push every later op (and SDPA) onto slow strided paths
-        out = (self.weight @ x.reshape(rows, self.in_features).T).T.contiguous()
+        out = few_rows_linear(x.reshape(rows, self.in_features), self.weight)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)

@@ -1,0 +1,69 @@
+"""CPU matrix products with a handful of rows: the decode step of stacked loop streams.
+
+A `parallel` decode step multiplies every weight matrix by R rows (one per loop stream) instead of one. The step is
+bound by reading the weights, so R rows should cost what one row costs. On CPU BLAS libraries they often do not:
+which call streams a weight fastest for 1-7 rows depends on the shape, the thread count and the CPU (measured on a
+2-core AMD EPYC with MKL: `x @ W.T` with 2 rows took up to 4x its 1-row time, `W @ x.T` was flat for 768x768 but
+not for 768x2048, where one matrix-vector product per row was). So, like cuDNN's benchmark mode, the first product
+of each (shape, rows, dtype, threads) times the candidate layouts on the real weight and keeps the fastest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [M, K], W [N, K]) -> [M, N]
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+def _weight_first(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # contiguous: a column-major result would push every later op (and attention) onto slow strided paths
+    return (w @ x.T).T.contiguous()
+
+
+def _row_by_row(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.mv(w, row) for row in x])
+
+
+def _paired(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # one row padded to two: some BLAS run the 2-column product faster than their matrix-vector kernel
+    return (w @ x.expand(2, -1).T)[:, :1].T.contiguous()
+
+
+CANDIDATES: dict[str, Product] = {"linear": _linear, "weight_first": _weight_first, "row_by_row": _row_by_row,
+                                  "paired": _paired}
+_chosen: dict[tuple, str] = {}
+
+
+def _time(product: Product, x: torch.Tensor, w: torch.Tensor, repeats: int = 5) -> float:
+    product(x, w)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(x, w)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2]
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T` for a CPU `x` of a few rows `[M, K]`, by the layout measured fastest for this case."""
+    key = (tuple(weight.shape), x.shape[0], x.dtype, torch.get_num_threads())
+    name = _chosen.get(key)
+    if name is None:
+        names = [n for n in CANDIDATES if n != "paired" or x.shape[0] == 1]
+        with torch.no_grad():
+            name = min(names, key=lambda n: _time(CANDIDATES[n], x.detach(), weight.detach()))
+        _chosen[key] = name
+    return CANDIDATES[name](x, weight)
+
+
+def chosen_layouts() -> dict[tuple, str]:
+    """What `few_rows_linear` picked so far, keyed by (weight shape, rows, dtype, threads): for benchmarks' notes."""
+    return dict(_chosen)

@@ -7,7 +7,6 @@ import torch
 
 from parloop import PLTConfig, PLTForCausalLM
 
-
 # The test models are tiny: with more than one intra-op thread, OpenMP's hand-offs cost more than the work, and on a
 # loaded 2-core machine a 32x48 matmul took ms instead of µs.
 torch.set_num_threads(1)

@@ -137,6 +137,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  data/         corpus, tokenizer, test_files.txt\n"
           f"  r2/, r1/      recipe.yaml, metrics.jsonl, curves.png, tensorboard/, checkpoints/, model/\n"
           f"  summary.json  the numbers above\n"
-          f"next: parloop generate --model {results[2]['model_dir']} --prompt 'import os'  |  "
+          f"next: parloop generate --model {results[2]['model_dir']} 'import os'  |  "
           f"tensorboard --logdir {run_dir}")
     return 0

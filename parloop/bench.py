@@ -42,6 +42,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from parloop.cache import PLTCache
 from parloop.config import LOOP_MODES, ConfigError, PLTConfig
+from parloop.kernels import chosen_layouts
 from parloop.model import PLTForCausalLM
 
 # Llama-like shapes; tied embeddings, so "100m" is 100.1M parameters at R = 1 (the lm_head is the embedding).
@@ -400,6 +401,9 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     bar.close()
 
     _add_ratios(rows)
+    # which product layout the stacked decode steps ended up using per weight shape and row count (CPU only)
+    machine["cpu_few_row_layouts"] = {f"{shape[0]}x{shape[1]} rows={rows_} threads={threads}": name
+                                      for (shape, rows_, _, threads), name in chosen_layouts().items()}
     r1 = _r1_row(rows, options.batch, options.context)
     reference["r1_over_reference"] = (None if r1 is None else
                                       _sig(r1["decode_ms_per_token"] / reference["decode_ms_per_token"]))

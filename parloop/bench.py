@@ -78,7 +78,7 @@ class BenchOptions:
     batch: int = 1
     context: int = 512
     new_tokens: int = 32
-    warmup: int = 5
+    warmup: int = 10
     dtype: str = "float32"
     threads: int | None = None
     device: str = "cpu"
@@ -563,7 +563,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--batch", type=_positive_int, default=1, help="sequences decoded together")
     what.add_argument("--context", type=_positive_int, default=512, help="prompt tokens prefilled before decoding")
     what.add_argument("--new-tokens", type=_positive_int, default=32, help="timed decode steps per row")
-    what.add_argument("--warmup", type=int, default=5, help="untimed decode steps before the timed ones")
+    what.add_argument("--warmup", type=int, default=10, help="untimed decode steps before the timed ones")
     what.add_argument("--compile", action="store_true",
                       help="decode with a static cache and the layer stack compiled by torch.compile (the "
                            "first call per model compiles, off the clock)")

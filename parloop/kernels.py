@@ -5,11 +5,12 @@ bound by reading the weights, so R rows should cost what one row costs. On CPU B
 which call streams a weight fastest for 1-7 rows depends on the shape, the thread count and the CPU (measured on a
 2-core AMD EPYC with MKL: `x @ W.T` with 2 rows took up to 4x its 1-row time, `W @ x.T` was flat for 768x768 but
 not for 768x2048, where one matrix-vector product per row was). So, like cuDNN's benchmark mode, the first product
-of each (shape, rows, dtype, threads) times the candidate layouts on the real weight and keeps the fastest.
+of each (shape, rows, dtype, threads) are spread over the candidate layouts, timed, and the fastest is kept.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -39,29 +40,32 @@ def _paired(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 CANDIDATES: dict[str, Product] = {"linear": _linear, "weight_first": _weight_first, "row_by_row": _row_by_row,
                                   "paired": _paired}
+TRIALS = 4  # timed calls per candidate before choosing
+_trials: dict[tuple, dict[str, list[float]]] = {}
 _chosen: dict[tuple, str] = {}
 
 
-def _time(product: Product, x: torch.Tensor, w: torch.Tensor, repeats: int = 5) -> float:
-    product(x, w)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        product(x, w)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2]
-
-
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` for a CPU `x` of a few rows `[M, K]`, by the layout measured fastest for this case."""
+    """`x @ weight.T` for a CPU `x` of a few rows `[M, K]`, by the layout measured fastest for this case.
+
+    The candidates are timed on the real calls (round robin, `TRIALS` each), not in a loop of their own: a weight
+    multiplied again and again stays in the CPU cache, while in a decode step every weight streams from memory,
+    and the two favour different layouts.
+    """
     key = (tuple(weight.shape), x.shape[0], x.dtype, torch.get_num_threads())
     name = _chosen.get(key)
-    if name is None:
-        names = [n for n in CANDIDATES if n != "paired" or x.shape[0] == 1]
-        with torch.no_grad():
-            name = min(names, key=lambda n: _time(CANDIDATES[n], x.detach(), weight.detach()))
-        _chosen[key] = name
-    return CANDIDATES[name](x, weight)
+    if name is not None:
+        return CANDIDATES[name](x, weight)
+    names = ("linear", "paired") if x.shape[0] == 1 else ("linear", "weight_first", "row_by_row")
+    trials = _trials.setdefault(key, {n: [] for n in names})
+    name = min(trials, key=lambda n: len(trials[n]))
+    start = time.perf_counter()
+    out = CANDIDATES[name](x, weight)
+    trials[name].append(time.perf_counter() - start)
+    if all(len(t) >= TRIALS for t in trials.values()):
+        _chosen[key] = min(trials, key=lambda n: statistics.median(trials[n]))
+        del _trials[key]
+    return out
 
 
 def chosen_layouts() -> dict[tuple, str]:

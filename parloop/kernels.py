@@ -50,7 +50,8 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     The candidates are timed on the real calls (round robin, `TRIALS` each), not in a loop of their own: a weight
     multiplied again and again stays in the CPU cache, while in a decode step every weight streams from memory,
-    and the two favour different layouts.
+    and the two favour different layouts. Layouts sum in different orders, so until the choice is made, repeated
+    calls can differ in the last bits (as results do across BLAS builds or thread counts).
     """
     key = (tuple(weight.shape), x.shape[0], x.dtype, torch.get_num_threads())
     name = _chosen.get(key)

@@ -27,7 +27,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert isinstance(loaded, PLTForCausalLM)
     ids = torch.randint(1, 61, (2, 7))
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        # not bitwise: the CPU few-row products may pick another layout on another call (parloop.kernels)
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
 
 
 def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
@@ -38,7 +39,8 @@ def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
     loaded = PLTForCausalLM.from_pretrained(tmp_path)
     ids = torch.randint(1, 61, (1, 5))
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        # not bitwise: the CPU few-row products may pick another layout on another call (parloop.kernels)
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
 
 
 def loopcoder_layout(tmp_path: Path, hidden_gate: bool, shards: int) -> dict[str, torch.Tensor]:

@@ -92,7 +92,7 @@ def test_parallel_differs_from_sequential_shared_only_when_looped() -> None:
             par = tiny_model(plt_num_loops=loops, plt_loop_mode="parallel")(ids).logits
             shared = tiny_model(plt_num_loops=loops, plt_loop_mode="sequential_shared")(ids).logits
             if loops == 1:
-                assert torch.allclose(par, shared, atol=1e-6, rtol=0)
+                assert torch.allclose(par, shared, atol=1e-4, rtol=0)
             else:
                 # same weights (same seed): only the one-token offset differs
                 assert (par - shared).abs().max() > 1e-2

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from parloop.attention import attend
@@ -225,6 +225,13 @@ class PLTDecoderLayer(nn.Module):
 
 
 @dataclass
+class PLTModelOutput(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus, on request, the state after each loop (`[B, T, d]` each, before any norm)."""
+
+    loop_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
 class PLTOutput(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus, on request, the state after each loop (`[B, T, d]` each, before any norm)."""
 
@@ -290,8 +297,8 @@ class PLTModel(PLTPreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: PLTCache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                output_loop_states: bool = False) -> tuple[torch.Tensor, PLTCache | None, tuple | None]:
-        """Returns (final normed hidden states `[B, T, d]`, cache, loop states or None)."""
+                output_loop_states: bool = False) -> PLTModelOutput:
+        """The final loop's normed hidden states `[B, T, d]`, the cache, and the loop states when asked for."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -315,7 +322,8 @@ class PLTModel(PLTPreTrainedModel):
             h, states = self._decode_stacked(emb, cos, sin, cache, step)
         else:
             h, states = self._loops_one_by_one(emb, cos, sin, kv, step, cache)
-        return self.norm(h), cache, (tuple(states) if output_loop_states else None)
+        return PLTModelOutput(last_hidden_state=self.norm(h), past_key_values=cache,
+                              loop_states=tuple(states) if output_loop_states else None)
 
     def _loops_one_by_one(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, step: Step,
                           cache: PLTCache | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -417,14 +425,14 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
                 output_loop_states: bool = False, **kwargs) -> PLTOutput:
         """Logits of the final loop, and the shifted next-token cross-entropy when `labels` are given (-100 is
         ignored), like any causal LM in `transformers`."""
-        hidden, cache, states = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                                           use_cache, output_loop_states)
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_loop_states)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep])
+        logits = self.lm_head(out.last_hidden_state[:, keep])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return PLTOutput(loss=loss, logits=logits, past_key_values=cache, loop_states=states)
+        return PLTOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, loop_states=out.loop_states)
 
     def compile_decode(self, **compile_kwargs) -> None:
         """Compile the layer stack of one-token steps with `torch.compile`. It is used when decoding with a

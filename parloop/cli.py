@@ -1,7 +1,7 @@
 """`parloop`: one command line with a subcommand per job (litgpt style).
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args) -> int | None`.
-Keep their top-level imports light: building the parser imports every command module.
+Only the module of the command being run is imported.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `parloop` parser. Only `command`'s module is imported (all of them when None), so one command's
+    optional dependency (e.g. the server's web stack) never stops the others from running."""
     from parloop import __version__
 
     parser = argparse.ArgumentParser(prog="parloop", description="Parallel Loop Transformers: train, decode, "
@@ -34,12 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text,
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         cmd.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(cmd)
+        if command in (None, name):
+            importlib.import_module(module_name).add_arguments(cmd)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

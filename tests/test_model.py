@@ -25,6 +25,15 @@ def left_padded_batch(lengths: list[int], vocab: int, pad: int = 0) -> tuple[tor
     return ids, mask
 
 
+def prefill_then_decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: PLTCache,
+                        prompt: int) -> torch.Tensor:
+    """Logits of every position: the first `prompt` tokens in one call, then one token per call."""
+    steps = [model(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache, use_cache=True).logits]
+    steps += [model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True).logits
+              for t in range(prompt, ids.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
 @pytest.mark.parametrize(("mode", "loops", "hidden_gate"), [
     *itertools.product(MODES, (1, 2, 3), (False, True)),
     ("parallel", 4, False),
@@ -51,13 +60,7 @@ def test_cached_decoding_equals_full_forward(mode: str, loops: int, hidden_gate:
         full = model(ids, attention_mask=mask).logits
         # a small initial capacity also exercises the cache growing mid-sequence
         cache = PLTCache(model.config, max_length=4)
-        prompt = 5
-        steps = [model(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache,
-                       use_cache=True).logits]
-        for t in range(prompt, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
-                               use_cache=True).logits)
-    cached = torch.cat(steps, dim=1)
+        cached = prefill_then_decode(model, ids, mask, cache, prompt=5)
     real = mask.bool()
     assert (cached - full)[real].abs().max() <= 1e-4
     assert cache.get_seq_length() == ids.shape[1]
@@ -188,11 +191,8 @@ def test_static_cache_decoding_equals_full_forward(mode: str) -> None:
     ids, mask = left_padded_batch([10, 7], model.config.vocab_size)
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
-        cache = PLTCache(model.config, max_length=16, static=True)
-        steps = [model(ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache, use_cache=True).logits]
-        steps += [model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True).logits
-                  for t in range(4, ids.shape[1])]
-    assert (torch.cat(steps, dim=1) - full)[mask.bool()].abs().max() <= 1e-4
+        cached = prefill_then_decode(model, ids, mask, PLTCache(model.config, max_length=16, static=True), prompt=4)
+    assert (cached - full)[mask.bool()].abs().max() <= 1e-4
 
 
 def test_compiled_decoding_gives_the_same_tokens_as_eager() -> None:

@@ -269,6 +269,23 @@ class PLTCache(Cache):
         self.win_keys[:, :, row] = torch.roll(src.win_keys[:, :, src_row], offset, dims=-2)
         self.win_values[:, :, row] = torch.roll(src.win_values[:, :, src_row], offset, dims=-2)
 
+    def compact(self) -> None:
+        """Drop the leading slots that are padding in every row (rows that finished or were freed)."""
+        used = self.valid[:, :self.length].any(0)
+        first = int(used.int().argmax()) if bool(used.any()) else self.length
+        if first > 0:
+            self.shift_slots(-first)
+
+    def kv_bytes_in_use(self) -> int:
+        """Bytes of keys and values the rows' real tokens occupy (what a full cache would hold per sequence)."""
+        if not self.allocated:
+            return 0
+        return sum(self.sequence_kv_bytes(n) for n in self.real.tolist())
+
+    @property
+    def allocated(self) -> bool:
+        return self.keys is not None
+
     def reset(self) -> None:
         self.length = 0
         self.keys = None

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parloop.padding import left_pad
 from parloop.cache import PLTCache
 from parloop.model import PLTForCausalLM
 
@@ -271,12 +272,8 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` as one left-padded batch, sample their first tokens, move the unfinished ones into rows."""
         device = self.model.device
-        width = max(len(seq.prompt_ids) for seq in seqs)
-        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(seqs):
-            ids[i, width - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
-            mask[i, width - len(seq.prompt_ids):] = 1
+        ids, mask = left_pad([seq.prompt_ids for seq in seqs], self.pad_token_id)
+        width = ids.shape[1]
         prefill = PLTCache(self.model.config, max_length=width)
         logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=prefill,
                             use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -284,7 +281,7 @@ class Engine:
         for i, (seq, token) in enumerate(zip(seqs, self._sample(logits, seqs), strict=True)):
             if self._emit(seq, token):
                 continue
-            if self.cache.keys is None:
+            if not self.cache.allocated:
                 self.cache.allocate(0, self.model.dtype, device)
             row = self._free_row()
             self.cache.insert_row(row, prefill, i)
@@ -382,8 +379,5 @@ class Engine:
             return
         if self.cache.batch_size > len(self.rows):
             self.cache.resize_rows(len(self.rows))
-        used = self.cache.valid[:, :self.cache.length].any(0)
-        first = int(used.int().argmax())
-        if first > 0:
-            self.cache.shift_slots(-first)
-        self.kv_cache_bytes_in_use = sum(self.cache.sequence_kv_bytes(n) for n in self.cache.real.tolist())
+        self.cache.compact()
+        self.kv_cache_bytes_in_use = self.cache.kv_bytes_in_use()

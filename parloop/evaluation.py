@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from parloop.padding import left_pad
 from parloop.generation import add_model_arguments, load_model
 from parloop.programs import Program, held_out_set, is_correct, run_many, training_programs
 
@@ -62,18 +63,6 @@ def _pad_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask: every row's last real token is in the last column."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _max_context(model: Any) -> int:

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from parloop import PLTConfig, PLTForCausalLM
 from parloop.cli import main
 from parloop.data import Corpus, build_corpus, train_tokenizer
+from parloop.padding import left_pad
 from parloop.evaluation import (
     _line_targets,
     _windows,
@@ -28,7 +29,6 @@ from parloop.evaluation import (
     generate_texts,
     held_out_texts,
     humaneval_problems,
-    left_pad,
     line_completion,
     pass_at_k,
     truncate_completion,

@@ -10,19 +10,14 @@ from conftest import tiny_model
 from plt_reference import reference_logits
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from parloop.padding import left_pad
 from parloop import PLTCache
 
 MODES = ("parallel", "sequential_shared", "sequential")
 
 
 def left_padded_batch(lengths: list[int], vocab: int, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(1, vocab, (n,))
-        mask[row, width - n:] = 1
-    return ids, mask
+    return left_pad([torch.randint(1, vocab, (n,)).tolist() for n in lengths], pad)
 
 
 def prefill_then_decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: PLTCache,

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parloop.padding import left_pad
 from parloop.cache import PLTCache
 from parloop.model import PLTForCausalLM
+from parloop.padding import left_pad
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from transformers import PreTrainedTokenizerFast
 from parloop import PLTConfig, PLTForCausalLM
 from parloop.cli import main
 from parloop.data import Corpus, build_corpus, train_tokenizer
-from parloop.padding import left_pad
 from parloop.evaluation import (
     _line_targets,
     _windows,
@@ -33,6 +32,7 @@ from parloop.evaluation import (
     pass_at_k,
     truncate_completion,
 )
+from parloop.padding import left_pad
 from parloop.programs import (
     Program,
     held_out_set,

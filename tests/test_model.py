@@ -10,8 +10,8 @@ from conftest import tiny_model
 from plt_reference import reference_logits
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from parloop.padding import left_pad
 from parloop import PLTCache
+from parloop.padding import left_pad
 
 MODES = ("parallel", "sequential_shared", "sequential")
 

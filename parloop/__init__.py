@@ -7,8 +7,9 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from parloop.cache import PLTCache
+from parloop.checkpoint import CheckpointError
 from parloop.config import ConfigError, PLTConfig
-from parloop.model import CheckpointError, PLTForCausalLM, PLTModel
+from parloop.model import PLTForCausalLM, PLTModel
 
 AutoConfig.register(PLTConfig.model_type, PLTConfig, exist_ok=True)
 AutoModel.register(PLTConfig, PLTModel, exist_ok=True)

@@ -1,28 +1,33 @@
-"""The keys and values a forward pass attends to.
+"""The keys, values and carried states a forward pass reads and writes, behind one contract (`KVStore`).
 
-`PLTCache` is the decoding cache of DESIGN.md section 3, per layer:
-- loop 0's full cache `keys[:, 0]`, `values[:, 0]` (`[L, B, Hkv, T_max, hd]`; `sequential` mode keeps one such
-  full cache per loop, `keys[:, r]`);
+`PLTCache` is the decoding cache of design §3, per layer:
+- the full caches `keys`, `values` `[L, F, B, Hkv, T_max, hd]`: loop 0's (F = 1), or every loop's in `sequential`
+  mode (F = R);
 - `R-1` ring buffers `win_keys`, `win_values` `[L, R-1, B, Hkv, W+1, hd]` for the sliding window of loops r >= 1;
-- `R-1` carried states `carries` `[R-1, B, d]` (`parallel` mode): loop r's output at the last token, which is
+- `R-1` carried states `carries` `[R-1, B, d]` (`parallel` mode): loop r's handoff state at the last token, which is
   loop r+1's input at the next one.
 
-`ForwardKV` is the same interface for a forward pass without a cache (training): it only remembers loop 0's
-keys of the current pass, with no copies, so gradients flow through them.
+`ForwardKV` is the same contract for a forward pass without a cache (training, scoring): it only remembers the keys
+of the current pass, with no copies, so gradients flow through them; its carries are zero (a sequence's start).
 
-Both hand out a `Step`: what one forward call needs to know about slots (positions and masks), built once per
-call and shared by every layer and loop.
+Both hand out a `Step` from `begin()`: everything one forward call needs to know about slots (positions, masks, where
+new keys go), built once per call and shared by every layer and loop. The stores keep buffers only; per-call state
+lives in the `Step`, which the model passes back on every read and write. Which buffers exist comes from
+`PLTConfig.loop_layout`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers.cache_utils import Cache
 
 from parloop.attention import slot_mask
 from parloop.config import PLTConfig
+
+KV = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -32,8 +37,36 @@ class Step:
     start: int
     position_ids: torch.Tensor  # [B, T] RoPE positions (count of real tokens before, per row)
     prev_valid: torch.Tensor  # [B, T, 1] is the slot before each new token a real token (carry gate)
-    global_mask: torch.Tensor  # [B, 1, T, start+T] over loop 0's (or this loop's full) keys
-    local_mask: torch.Tensor | None  # [B, 1, T, Tl] over this loop's window keys (G-SWA modes, R > 1)
+    global_mask: torch.Tensor  # [B, 1, T, span] over loop 0's (or this loop's full) keys
+    local_mask: torch.Tensor | None  # [B, 1, T, Tl] over this loop's window keys (G-SWA loops only)
+    slots: torch.Tensor  # [T] the slots the new tokens are written to (index tensor: no Python ints in a compiled step)
+    ring_entries: torch.Tensor | None  # ring entries the last W+1 new tokens are written to (G-SWA loops only)
+    span: int  # full-cache slots attended to (all capacity for a static cache)
+    static: bool  # shapes are fixed across calls (a static cache): the step may run compiled
+
+
+class KVStore(Protocol):
+    """What the model needs from the store of keys, values and carried states (design §3)."""
+
+    def begin(self, attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,
+              device: torch.device) -> Step:
+        """Reserve room for `length` new tokens; return their positions and masks."""
+
+    def append(self, step: Step, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """Write the new keys/values `[B, Hkv, T, hd]` of a full-cache loop; return all of them so far."""
+
+    def read(self, step: Step, layer: int, loop: int) -> KV:
+        """The keys/values of full-cache loop `loop` (loop 0 for the global branch of G-SWA)."""
+
+    def window(self, step: Step, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """New window keys `[B, S, Hkv, T, hd]` of loops `first..first+S-1` (>= 1): return what their local branch
+        attends to (earlier window keys, then the new ones) and keep the new ones for later calls."""
+
+    def read_carries(self, loops: slice) -> torch.Tensor:
+        """Carried states `[n, B, d]` of the loops in `loops` (index r: loop r's state at the slot before)."""
+
+    def write_carries(self, loops: slice, states: torch.Tensor) -> None:
+        """Keep `[n, B, d]` handoff states of the last new token as the next call's carries."""
 
 
 # the batch (sequence) dimension of each per-sequence buffer
@@ -45,37 +78,45 @@ def _positions(valid_new: torch.Tensor, real_before: torch.Tensor) -> torch.Tens
 
 
 class ForwardKV:
-    """Keys and values of a single cache-less forward pass (training, scoring)."""
+    """The `KVStore` of a single cache-less forward pass (training, scoring)."""
 
-    def __init__(self, config: PLTConfig, attention_mask: torch.Tensor | None, batch: int, length: int,
-                 device: torch.device) -> None:
+    def __init__(self, config: PLTConfig) -> None:
+        self.config = config
+        self._full: dict[tuple[int, int], KV] = {}
+        self._zeros: torch.Tensor | None = None
+
+    def begin(self, attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,
+              device: torch.device) -> Step:
         valid = (torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None
                  else attention_mask.to(device=device, dtype=torch.bool))
         slots = torch.arange(length, device=device)
-        uses_window = config.plt_num_loops > 1 and config.plt_loop_mode != "sequential"
         prev_valid = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
-        self.step = Step(
-            start=0,
-            position_ids=_positions(valid, torch.zeros(batch, dtype=torch.long, device=device)),
-            prev_valid=prev_valid[..., None],
-            global_mask=slot_mask(slots, slots, valid),
-            local_mask=slot_mask(slots, slots, valid, config.window) if uses_window else None,
-        )
-        self._full: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        layout = self.config.loop_layout
+        self._zeros = torch.zeros(layout.carry_loops, batch, self.config.hidden_size, dtype=dtype, device=device)
+        return Step(start=0, position_ids=_positions(valid, torch.zeros(batch, dtype=torch.long, device=device)),
+                    prev_valid=prev_valid[..., None], global_mask=slot_mask(slots, slots, valid),
+                    local_mask=slot_mask(slots, slots, valid, self.config.window) if layout.gated else None,
+                    slots=slots, ring_entries=None, span=length, static=False)
 
-    def append(self, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, step: Step, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
         self._full[layer, loop] = (k, v)
         return k, v
 
-    def view(self, layer: int, loop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, step: Step, layer: int, loop: int) -> KV:
         return self._full[layer, loop]
 
-    def window(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def window(self, step: Step, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:
         return k, v
+
+    def read_carries(self, loops: slice) -> torch.Tensor:
+        return self._zeros[loops]
+
+    def write_carries(self, loops: slice, states: torch.Tensor) -> None:
+        pass  # nothing follows a cache-less pass
 
 
 class PLTCache(Cache):
-    """Decoding cache of a Parallel Loop Transformer (DESIGN.md section 3), usable with `model.generate`.
+    """Decoding cache of a Parallel Loop Transformer (design §3), usable with `model.generate`.
 
     Buffers are allocated at the first forward call (when batch size, dtype and device are known) with room for
     `max_length` slots, and grow by doubling if a call needs more, so decoding allocates nothing per step.
@@ -97,17 +138,14 @@ class PLTCache(Cache):
     # -- allocation ---------------------------------------------------------------------------------------------
     def allocate(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate empty buffers for `batch` sequences (done by the first forward call when not called)."""
-        c = self.config
-        loops, hkv, hd = c.plt_num_loops, c.num_key_value_heads, c.head_dim
-        full_loops = loops if c.plt_loop_mode == "sequential" else 1
-        win_loops = 0 if c.plt_loop_mode == "sequential" else loops - 1
+        c, layout = self.config, self.config.loop_layout
+        hkv, hd, layers = c.num_key_value_heads, c.head_dim, c.num_hidden_layers
         kw = dict(dtype=dtype, device=device)
-        self.keys = torch.zeros(c.num_hidden_layers, full_loops, batch, hkv, self.capacity, hd, **kw)
+        self.keys = torch.zeros(layers, layout.full_cache_loops, batch, hkv, self.capacity, hd, **kw)
         self.values = torch.zeros_like(self.keys)
-        self.win_keys = torch.zeros(c.num_hidden_layers, win_loops, batch, hkv, c.window + 1, hd, **kw)
+        self.win_keys = torch.zeros(layers, layout.window_loops, batch, hkv, c.window + 1, hd, **kw)
         self.win_values = torch.zeros_like(self.win_keys)
-        carry_loops = loops - 1 if c.plt_loop_mode == "parallel" else 0
-        self.carries = torch.zeros(carry_loops, batch, c.hidden_size, **kw)
+        self.carries = torch.zeros(layout.carry_loops, batch, c.hidden_size, **kw)
         self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
         self.real = torch.zeros(batch, dtype=torch.long, device=device)
 
@@ -126,11 +164,11 @@ class PLTCache(Cache):
     def batch_size(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    # -- per-call bookkeeping -----------------------------------------------------------------------------------
+    # -- the KVStore contract -------------------------------------------------------------------------------------
     def begin(self, attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,
               device: torch.device) -> Step:
         """Reserve slots for `length` new tokens and build this call's positions and masks."""
-        if self.keys is None:
+        if not self.allocated:
             self.allocate(batch, dtype, device)
         elif batch != self.batch_size:
             raise ValueError(f"PLTCache holds {self.batch_size} sequences but the input has {batch}; use a new "
@@ -143,25 +181,23 @@ class PLTCache(Cache):
             # transformers passes the mask of the whole sequence (past + new); a mask of the new tokens also works
             valid_new = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
         self.valid[:, start:end] = valid_new
-        # written through index tensors so that the writes of a compiled step do not depend on Python ints
-        self._slots = torch.arange(start, end, device=device)
-        self._ring_entries = self._slots[-(self.config.window + 1):] % (self.config.window + 1)
-        self._span = self.capacity if self.static else end
+        slots = torch.arange(start, end, device=device)
+        span = self.capacity if self.static else end
         position_ids = _positions(valid_new, self.real)
         self.real += valid_new.sum(-1)
         prev = self.valid[:, start - 1:end - 1] if start > 0 else torch.cat(
             [torch.zeros_like(valid_new[:, :1]), valid_new[:, :-1]], dim=1)
-        q_slots = self._slots
-        global_mask = slot_mask(q_slots, torch.arange(self._span, device=device), self.valid[:, :self._span])
-        local_mask = None
-        if self.win_keys.shape[1] > 0:
+        global_mask = slot_mask(slots, torch.arange(span, device=device), self.valid[:, :span])
+        local_mask = ring_entries = None
+        if self.config.loop_layout.gated:
             ring_slots = self._ring_slots(start, device)
             ring_valid = self.valid[:, ring_slots.clamp(min=0)] & (ring_slots >= 0)
-            local_slots = torch.cat([ring_slots, q_slots])
-            local_mask = slot_mask(q_slots, local_slots, torch.cat([ring_valid, valid_new], dim=1),
+            local_mask = slot_mask(slots, torch.cat([ring_slots, slots]), torch.cat([ring_valid, valid_new], dim=1),
                                    self.config.window)
+            ring_entries = slots[-(self.config.window + 1):] % (self.config.window + 1)
         self.length = end
-        return Step(start, position_ids, prev[..., None], global_mask, local_mask)
+        return Step(start, position_ids, prev[..., None], global_mask, local_mask, slots, ring_entries, span,
+                    self.static)
 
     def _ring_slots(self, start: int, device: torch.device) -> torch.Tensor:
         """The sequence slot that each ring-buffer entry holds before this call (-1: never written)."""
@@ -170,28 +206,30 @@ class PLTCache(Cache):
         last = start - 1
         return last - torch.remainder(last - entry, size)
 
-    # -- what the attention layers call ---------------------------------------------------------------------------
-    def append(self, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new keys `[B, Hkv, T, hd]` of a full-cache loop; return all keys so far."""
-        self.keys[layer, loop].index_copy_(2, self._slots, k)
-        self.values[layer, loop].index_copy_(2, self._slots, v)
-        return self.view(layer, loop)
+    def append(self, step: Step, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        self.keys[layer, loop].index_copy_(2, step.slots, k)
+        self.values[layer, loop].index_copy_(2, step.slots, v)
+        return self.read(step, layer, loop)
 
-    def view(self, layer: int, loop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[layer, loop, :, :, :self._span], self.values[layer, loop, :, :, :self._span]
+    def read(self, step: Step, layer: int, loop: int) -> KV:
+        return self.keys[layer, loop, :, :, :step.span], self.values[layer, loop, :, :, :step.span]
 
-    def window(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """New window keys `[B, S, Hkv, T, hd]` of loops `first..first+S-1` (all >= 1): return the ring's keys
-        followed by the new ones (what the local branch attends to), then store the new ones in the ring."""
+    def window(self, step: Step, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:
         streams, new = k.shape[1], k.shape[3]
         loops = slice(first - 1, first - 1 + streams)
         ring_k = self.win_keys[layer, loops].transpose(0, 1)
         ring_v = self.win_values[layer, loops].transpose(0, 1)
         keys, values = torch.cat([ring_k, k], dim=3), torch.cat([ring_v, v], dim=3)
-        keep = self._ring_entries.shape[0]
-        self.win_keys[layer, loops].index_copy_(3, self._ring_entries, k[:, :, :, new - keep:].transpose(0, 1))
-        self.win_values[layer, loops].index_copy_(3, self._ring_entries, v[:, :, :, new - keep:].transpose(0, 1))
+        keep = step.ring_entries.shape[0]
+        self.win_keys[layer, loops].index_copy_(3, step.ring_entries, k[:, :, :, new - keep:].transpose(0, 1))
+        self.win_values[layer, loops].index_copy_(3, step.ring_entries, v[:, :, :, new - keep:].transpose(0, 1))
         return keys, values
+
+    def read_carries(self, loops: slice) -> torch.Tensor:
+        return self.carries[loops]
+
+    def write_carries(self, loops: slice, states: torch.Tensor) -> None:
+        self.carries[loops] = states
 
     # -- transformers Cache API -----------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -9,6 +10,38 @@ from transformers import PreTrainedConfig
 
 LOOP_MODES = ("parallel", "sequential_shared", "sequential")
 RELEASED_ARCHITECTURE = "IQuestPLTCoderForCausalLM"
+
+
+@dataclass(frozen=True)
+class LoopLayout:
+    """Which buffers and mechanisms each loop uses, derived once from the config (design §2, the loop-mode table).
+
+    Everything that depends on the loop mode (model, cache, cache-less training store) reads it from here.
+    """
+
+    loops: int  # R
+    full_cache_loops: int  # loops that keep a full KV cache: every loop in `sequential`, else loop 0 only
+    window_loops: int  # loops r >= 1 with G-SWA (a window ring of their own): R-1, or 0 (R = 1 or `sequential`)
+    offset: bool  # loop r at t reads loop r-1 at t-1 (`parallel`): R-1 carried states, one-pass decode steps
+
+    @classmethod
+    def of(cls, mode: str, loops: int) -> LoopLayout:
+        gswa = loops > 1 and mode != "sequential"
+        return cls(loops=loops, full_cache_loops=loops if mode == "sequential" else 1,
+                   window_loops=loops - 1 if gswa else 0, offset=loops > 1 and mode == "parallel")
+
+    @property
+    def gated(self) -> bool:
+        """Loops r >= 1 use G-SWA (global over loop 0's keys + own window, mixed by the gate)."""
+        return self.window_loops > 0
+
+    @property
+    def carry_loops(self) -> int:
+        return self.loops - 1 if self.offset else 0
+
+    def full_cache_of(self, loop: int) -> int:
+        """Index of the full cache that `loop` writes and reads when it is not G-SWA."""
+        return loop if self.full_cache_loops > 1 else 0
 
 
 class ConfigError(ValueError):
@@ -108,6 +141,10 @@ class PLTConfig(PreTrainedConfig):
         for field in ("plt_emb_scale", "plt_hidden_scale"):
             value = getattr(self, field)
             _require(value is None or isinstance(value, (int, float)), field, value, "must be a number or null")
+
+    @property
+    def loop_layout(self) -> LoopLayout:
+        return LoopLayout.of(self.plt_loop_mode, self.plt_num_loops)
 
     @property
     def window(self) -> int:

@@ -20,14 +20,13 @@ For a model with R loops, with `h_r` the hidden state after loop r (`loop_states
 - offset cost at each R (`offset_cost`): how much worse `parallel` is than `sequential_shared`, the same model
   without the cross-loop offset.
 
-Attention distributions and gate values are not part of the model's output: forward hooks on the model's
-`PLTAttention` and `PLTGate` modules observe their inputs and outputs, and the attention distributions are
-recomputed here from the layer's own projections.
+Attention distributions and gate values are not part of the model's output: the model's attention probe
+(`PLTModel.set_attention_probe`) hands over each call's post-RoPE queries, global-branch keys, mask and gate, and the
+attention distributions are recomputed here from them.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from parloop.model import PLTAttention, PLTGate, apply_rope
+from parloop.model import AttentionRecord
 
 # -- the measures, on tensors -----------------------------------------------------------------------------------
 
@@ -89,61 +88,42 @@ def offset_cost(parallel: float, sequential_shared: float, higher_is_better: boo
 # -- hooks on the attention layers ------------------------------------------------------------------------------
 
 class _AttentionProbe:
-    """Watches every `PLTAttention` and `PLTGate` of a model during cache-less forward passes (loops run one
-    after another, one stream each) and accumulates, per layer, the JS divergence of each loop's global
-    attention from the previous loop's and the mean gate of each loop."""
+    """Receives every attention call of a cache-less forward pass (loops one after another, one stream each, via
+    `PLTModel.set_attention_probe`) and accumulates, per layer, the JS divergence of each loop's global attention
+    from the previous loop's and the mean gate of each loop."""
 
     def __init__(self, model: nn.Module, loops: int) -> None:
-        self.attentions = [m for m in model.modules() if isinstance(m, PLTAttention)]
-        layers = len(self.attentions)
+        self.base = model.model
+        layers = model.config.num_hidden_layers
         self.js_sum = torch.zeros(layers, max(loops - 1, 0), dtype=torch.float64)
         self.gate_sum = torch.zeros(layers, max(loops - 1, 0), dtype=torch.float64)
         self.gated = False  # set once a gate has been seen
         self.query_mask: torch.Tensor | None = None  # [B, T] bool, set per batch
-        self._keys: dict[int, torch.Tensor] = {}
         self._probs: dict[int, torch.Tensor] = {}
-        self._current: tuple[int, int] = (0, 0)
-        self._handles = []
-        for attn in self.attentions:
-            self._handles.append(attn.register_forward_pre_hook(self._on_attention, with_kwargs=True))
-            gates = [m for m in attn.modules() if isinstance(m, PLTGate)]
-            for gate in gates:
-                self._handles.append(gate.register_forward_hook(self._on_gate))
+        self.base.set_attention_probe(self._on_attention)
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        self.base.set_attention_probe(None)
 
     def start_batch(self, query_mask: torch.Tensor) -> None:
         self.query_mask = query_mask
-        self._keys.clear()
         self._probs.clear()
 
-    def _on_attention(self, module: PLTAttention, args: tuple, kwargs: dict) -> None:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-        x, cos, sin, loop, step = bound["x"], bound["cos"], bound["sin"], bound["first_loop"], bound["step"]
-        if x.shape[1] != 1:
+    def _on_attention(self, record: AttentionRecord) -> None:
+        if record.queries.shape[1] != 1:
             raise RuntimeError("loop diagnostics need a cache-less forward pass (loops one after another)")
-        layer = module.layer_idx
-        self._current = (layer, loop)
-        B, _, T, _ = x.shape
-        H, Hkv, hd = module.num_heads, module.num_kv_heads, module.head_dim
-        q = apply_rope(module.q_proj(x).view(B, 1, T, H, hd).transpose(2, 3), cos, sin)[:, 0]
-        if loop == 0 or not module.gated:  # the keys of the global branch: loop 0's (own keys if ungated)
-            k = apply_rope(module.k_proj(x).view(B, 1, T, Hkv, hd).transpose(2, 3), cos, sin)[:, 0]
-            self._keys[layer] = k.repeat_interleave(H // Hkv, dim=1)
-        scores = (q @ self._keys[layer].transpose(-1, -2)) / math.sqrt(hd)
-        probs = scores.float().masked_fill(~step.global_mask, float("-inf")).softmax(-1)
+        layer, loop, q = record.layer, record.first_loop, record.queries[:, 0]
+        keys = record.keys.repeat_interleave(q.shape[1] // record.keys.shape[1], dim=1)
+        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        probs = scores.float().masked_fill(~record.mask, float("-inf")).softmax(-1)
         if loop > 0:
             js = js_divergence(self._probs[layer], probs).mean(1)  # [B, T], mean over heads
             self.js_sum[layer, loop - 1] += float(js[self.query_mask].sum())
         self._probs[layer] = probs
-
-    def _on_gate(self, module: PLTGate, args: tuple, output: torch.Tensor) -> None:
-        layer, loop = self._current
-        g = output[:, 0, :, :, 0].float().mean(1)  # [B, T], mean over heads
-        self.gate_sum[layer, loop - 1] += float(g[self.query_mask].sum())
-        self.gated = True
+        if record.gate is not None:
+            g = record.gate[:, 0, :, :, 0].float().mean(1)  # [B, T], mean over heads
+            self.gate_sum[layer, loop - 1] += float(g[self.query_mask].sum())
+            self.gated = True
 
 
 # -- the whole set, over batches --------------------------------------------------------------------------------

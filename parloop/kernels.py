@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [M, K], W [N, K]) -> [M, N]
 
@@ -72,3 +73,43 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def chosen_layouts() -> dict[tuple, str]:
     """What `few_rows_linear` picked so far, keyed by (weight shape, rows, dtype, threads): for benchmarks' notes."""
     return dict(_chosen)
+
+
+class FewRowLinear(nn.Linear):
+    """`nn.Linear` whose CPU inference calls with a few rows go through `few_rows_linear`.
+
+    Installed into a model by `use_few_row_kernels`; weights, names and state dict are those of `nn.Linear`.
+    Training, GPUs, many rows and compiled steps use `F.linear` (their own kernels are already good).
+    """
+
+    FEW_ROWS = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (x.device.type != "cpu" or rows >= self.FEW_ROWS or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()):
+            return F.linear(x, self.weight, self.bias)
+        out = few_rows_linear(x.reshape(rows, self.in_features), self.weight)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def use_few_row_kernels(model: nn.Module) -> nn.Module:
+    """Make every `nn.Linear` of `model` a `FewRowLinear` (in place; returns the model), for CPU decoding.
+
+    A stacked `parallel` decode step multiplies each weight by R rows; this keeps that as cheap as one row on CPU
+    BLAS libraries that are slow for a few rows. Results equal `nn.Linear`'s up to summation order.
+    """
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FewRowLinear
+    return model
+
+
+def compile_step(fn: Callable, **compile_kwargs) -> Callable:
+    """`torch.compile` a one-token decode step whose shapes never change (a static cache)."""
+    # Dynamo caches compiled graphs per code object, so every model in a process (and every loop index of the
+    # sequential modes) shares the step's budget of recompilations; past it, decoding silently runs eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=False, **compile_kwargs)

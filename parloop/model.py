@@ -1,4 +1,4 @@
-"""The Parallel Loop Transformer (DESIGN.md sections 1-2) in one file.
+"""The Parallel Loop Transformer (design §1-2) in one file.
 
 A stack of Llama blocks is applied R times ("loops"). Loop 0 is an ordinary causal transformer over the token
 embeddings E. Loop r >= 1 reads `a * E[t] + b * H[r-1][t-1]`: the previous loop's state one token EARLIER (the
@@ -14,13 +14,11 @@ chunk of T tokens; R in a stacked decode step, where T = 1) over T positions.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -28,32 +26,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from parloop.attention import attend
-from parloop.cache import ForwardKV, PLTCache, Step
+from parloop.cache import ForwardKV, KVStore, PLTCache, Step
+from parloop.checkpoint import load_strict
 from parloop.config import PLTConfig
-from parloop.kernels import few_rows_linear
-
-KVStore = PLTCache | ForwardKV
-
-
-class PLTLinear(nn.Linear):
-    """`nn.Linear` that keeps a decode step with a few rows (stacked loop streams) as cheap as with one row.
-
-    Stacking R loops into one pass only pays off if the weights are streamed once for all R rows; on CPU the
-    usual `x @ W.T` can cost up to R times more, so a few rows go through `few_rows_linear`, which uses the
-    layout measured fastest for the shape on this machine.
-    """
-
-    FEW_ROWS = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if (x.device.type != "cpu" or rows >= self.FEW_ROWS or torch.is_grad_enabled()
-                or torch.compiler.is_compiling()):  # training, GPUs and compiled steps use their own kernels
-            return F.linear(x, self.weight, self.bias)
-        out = few_rows_linear(x.reshape(rows, self.in_features), self.weight)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+from parloop.kernels import compile_step
 
 
 class PLTRMSNorm(nn.Module):
@@ -123,9 +99,9 @@ class PLTMLP(nn.Module):
     def __init__(self, config: PLTConfig) -> None:
         super().__init__()
         d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = PLTLinear(d, f, bias=bias)
-        self.up_proj = PLTLinear(d, f, bias=bias)
-        self.down_proj = PLTLinear(f, d, bias=bias)
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -156,6 +132,18 @@ class PLTGate(nn.Module):
         return torch.sigmoid(logits)[..., None]
 
 
+@dataclass
+class AttentionRecord:
+    """What one attention call computed, handed to an attention probe (diagnostics, attention weights)."""
+
+    layer: int
+    first_loop: int  # the call's streams are loops first_loop .. first_loop + S - 1
+    queries: torch.Tensor  # [B, S, H, T, hd] post-RoPE
+    keys: torch.Tensor  # [B, Hkv, Tk, hd] post-RoPE keys of the global branch (loop 0's; own full cache ungated)
+    mask: torch.Tensor  # [B, 1, T, Tk] which of those keys each query may attend to
+    gate: torch.Tensor | None  # [B, S', H, T, 1] G-SWA gate of the streams of loops >= 1 (None when ungated)
+
+
 class PLTAttention(nn.Module):
     def __init__(self, config: PLTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -163,14 +151,14 @@ class PLTAttention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
-        self.q_proj = PLTLinear(d, self.num_heads * hd, bias=bias)
-        self.k_proj = PLTLinear(d, self.num_kv_heads * hd, bias=bias)
-        self.v_proj = PLTLinear(d, self.num_kv_heads * hd, bias=bias)
-        self.o_proj = PLTLinear(self.num_heads * hd, d, bias=bias)
-        self.mode = config.plt_loop_mode
-        self.gated = config.plt_num_loops > 1 and self.mode != "sequential"
-        if self.gated:
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
+        self.layout = config.loop_layout
+        if self.layout.gated:
             self.plt_gate = PLTGate(config)
+        self.probe: Callable[[AttentionRecord], None] | None = None  # see PLTModel.set_attention_probe
 
     def forward(self, x: torch.Tensor, h_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 first_loop: int, kv: KVStore, step: Step) -> torch.Tensor:
@@ -181,19 +169,20 @@ class PLTAttention(nn.Module):
         k = apply_rope(self.k_proj(x).view(B, S, T, Hkv, hd).transpose(2, 3), cos, sin)
         v = self.v_proj(x).view(B, S, T, Hkv, hd).transpose(2, 3)
 
-        if not self.gated:
+        g = None
+        if not self.layout.gated:
             # R = 1, or vanilla looped (`sequential`): plain causal attention over this loop's own full cache
-            keys, values = kv.append(layer, first_loop if self.mode == "sequential" else 0, k[:, 0], v[:, 0])
+            keys, values = kv.append(step, layer, self.layout.full_cache_of(first_loop), k[:, 0], v[:, 0])
             out = attend(q[:, 0], keys, values, step.global_mask)[:, None]
         else:
             # Global branch: every stream attends to loop 0's keys of this layer. Loop 0's stream writes them
             # first; streams are folded into the query rows (with T = 1 or S = 1 the mask broadcasts).
             if first_loop == 0:
-                keys0, values0 = kv.append(layer, 0, k[:, 0], v[:, 0])
+                keys, values = kv.append(step, layer, 0, k[:, 0], v[:, 0])
             else:
-                keys0, values0 = kv.view(layer, 0)
+                keys, values = kv.read(step, layer, 0)
             rows = q.transpose(1, 2).reshape(B, H, S * T, hd)
-            out = attend(rows, keys0, values0, step.global_mask).view(B, H, S, T, hd).transpose(1, 2)
+            out = attend(rows, keys, values, step.global_mask).view(B, H, S, T, hd).transpose(1, 2)
 
             # Local branch of loops >= 1: each loop's own keys, t-W..t. Streams are folded into the head axis so
             # one call serves all loops (query head s*H+h maps to KV head s*Hkv + h // (H/Hkv)).
@@ -201,12 +190,14 @@ class PLTAttention(nn.Module):
             if lo < S:
                 n = S - lo
                 qs = q[:, lo:]
-                wk, wv = kv.window(layer, first_loop + lo, k[:, lo:], v[:, lo:])
+                wk, wv = kv.window(step, layer, first_loop + lo, k[:, lo:], v[:, lo:])
                 local = attend(qs.reshape(B, n * H, T, hd), wk.reshape(B, n * Hkv, -1, hd),
                                wv.reshape(B, n * Hkv, -1, hd), step.local_mask).view(B, n, H, T, hd)
                 g = self.plt_gate(qs, h_in[:, lo:])
                 mixed = g * out[:, lo:] + (1 - g) * local
                 out = mixed if lo == 0 else torch.cat([out[:, :1], mixed], dim=1)
+        if self.probe is not None:
+            self.probe(AttentionRecord(layer, first_loop, q, keys, step.global_mask, g))
         return self.o_proj(out.transpose(2, 3).reshape(B, S, T, H * hd))
 
 
@@ -273,9 +264,14 @@ class PLTModel(PLTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    def set_attention_probe(self, probe: Callable[[AttentionRecord], None] | None) -> None:
+        """Call `probe` with an `AttentionRecord` after every attention call (None removes it)."""
+        for layer in self.layers:
+            layer.self_attn.probe = probe
+
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int, kv: KVStore,
                 step: Step) -> torch.Tensor:
-        if self.compiled_layers is not None and isinstance(kv, PLTCache) and kv.static and h.shape[2] == 1:
+        if self.compiled_layers is not None and step.static and h.shape[2] == 1:
             return self.compiled_layers(h, cos, sin, first_loop, kv, step)
         return self.run_layers(h, cos, sin, first_loop, kv, step)
 
@@ -306,82 +302,53 @@ class PLTModel(PLTPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = PLTCache(self.config, max_length=T)
         cache = past_key_values if use_cache or past_key_values is not None else None
-        if cache is not None:
-            kv: KVStore = cache
-            step = cache.begin(attention_mask, B, T, emb.dtype, emb.device)
-        else:
-            kv = ForwardKV(self.config, attention_mask, B, T, emb.device)
-            step = kv.step
+        kv: KVStore = cache if cache is not None else ForwardKV(self.config)
+        step = kv.begin(attention_mask, B, T, emb.dtype, emb.device)
         bound = None
         if position_ids is None:  # our positions count real tokens, so they stay below the slot count
             position_ids, bound = step.position_ids, step.start + T
         cos, sin = self.rotary_emb(position_ids, emb.dtype, bound)
 
-        R = self.config.plt_num_loops
-        if cache is not None and T == 1 and R > 1 and self.config.plt_loop_mode == "parallel":
-            h, states = self._decode_stacked(emb, cos, sin, cache, step)
+        if cache is not None and T == 1 and self.config.loop_layout.offset:
+            h, states = self._decode_stacked(emb, cos, sin, kv, step)
         else:
-            h, states = self._loops_one_by_one(emb, cos, sin, kv, step, cache)
+            h, states = self._loops_one_by_one(emb, cos, sin, kv, step)
         return PLTModelOutput(last_hidden_state=self.norm(h), past_key_values=cache,
                               loop_states=tuple(states) if output_loop_states else None)
 
-    def _loops_one_by_one(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, step: Step,
-                          cache: PLTCache | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _loops_one_by_one(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore,
+                          step: Step) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Training, prefill and the sequential modes: loop r runs over the whole chunk after loop r-1."""
         states = []
         h = self._layers(emb[:, None], cos, sin, 0, kv, step)[:, 0]
         states.append(h)
         for r in range(1, self.config.plt_num_loops):
             prev = self._handoff(h)
-            if self.config.plt_loop_mode == "parallel":
+            if self.config.loop_layout.offset:
                 # the offset: loop r at t reads loop r-1 at t-1; the carry is loop r-1's state at the slot before
                 # this chunk (zero at the start); a pad slot before a token contributes nothing.
-                carry = cache.carries[r - 1][:, None] if cache is not None else torch.zeros_like(prev[:, :1])
-                shifted = torch.cat([carry, prev[:, :-1]], dim=1) * step.prev_valid
-                if cache is not None:
-                    cache.carries[r - 1] = prev[:, -1]
+                loops = slice(r - 1, r)
+                shifted = torch.cat([kv.read_carries(loops).transpose(0, 1), prev[:, :-1]], dim=1) * step.prev_valid
+                kv.write_carries(loops, prev[None, :, -1])  # after the read: a cache hands out views
                 prev = shifted
             h = self._layers(self._loop_input(emb, prev)[:, None], cos, sin, r, kv, step)[:, 0]
             states.append(h)
         return h, states
 
-    def _decode_stacked(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PLTCache,
+    def _decode_stacked(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore,
                         step: Step) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One new token in `parallel` mode: all R loops as R streams through each layer once.
 
         Loop r's input a*E[t] + b*H[r-1][t-1] needs only the carry from the previous step, so the streams are
         independent within the step. Afterwards stream r (< R-1) becomes the carry for loop r+1.
         """
-        carried = self._loop_input(emb[:, None], cache.carries[:, :, None].transpose(0, 1) * step.prev_valid[:, None])
+        every = slice(None)
+        carries = kv.read_carries(every)[:, :, None].transpose(0, 1)  # [B, R-1, 1, d]
+        carried = self._loop_input(emb[:, None], carries * step.prev_valid[:, None])
         streams = torch.cat([emb[:, None], carried], dim=1)  # [B, R, 1, d]
-        h = self._layers(streams, cos, sin, 0, cache, step)
-        cache.carries.copy_(self._handoff(h[:, :-1, 0]).transpose(0, 1))
+        h = self._layers(streams, cos, sin, 0, kv, step)
+        kv.write_carries(every, self._handoff(h[:, :-1, 0]).transpose(0, 1))
         return h[:, -1], list(h.unbind(1))
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is incomplete, corrupt, or whose weights do not match the model its config describes."""
-
-
-def check_weight_files(directory: Path) -> None:
-    """Fail, naming the file, if a safetensors file of the checkpoint is missing, truncated or corrupt."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({err})") from err
-    else:
-        names = [p.name for p in sorted(directory.glob("*.safetensors"))]
-    for name in names:
-        path = directory / name
-        if not path.exists():
-            raise CheckpointError(f"{path} is listed in {index.name} but missing: the checkpoint is incomplete")
-        try:
-            with safe_open(path, framework="pt"):
-                pass
-        except Exception as err:  # safetensors raises its own error type for every kind of damage
-            raise CheckpointError(f"{path} is truncated or corrupt ({err}); save or download it again") from err
 
 
 class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
@@ -391,25 +358,12 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, *args, **kwargs) -> PLTForCausalLM:  # type: ignore[override]
         """`PreTrainedModel.from_pretrained`, but strict: a missing, unexpected or wrongly shaped weight raises
         `CheckpointError` naming it, instead of being randomly initialised or dropped with a warning."""
-        if args and Path(args[0]).is_dir():
-            check_weight_files(Path(args[0]))
-        want_info = kwargs.pop("output_loading_info", False)
-        kwargs.setdefault("ignore_mismatched_sizes", True)  # so that we can name the key ourselves
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        problems = [f"missing weight {k}" for k in sorted(info["missing_keys"])]
-        problems += [f"unexpected weight {k}" for k in sorted(info["unexpected_keys"])]
-        problems += [f"weight {m[0]} has shape {tuple(m[1])} in the checkpoint but the config needs {tuple(m[2])}"
-                     for m in sorted(info["mismatched_keys"])]
-        if problems:
-            raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems)
-                                  + ". Check plt_num_loops, plt_loop_mode, plt_gate_use_hidden_states, "
-                                  "tie_word_embeddings and the sizes in config.json against the weight files.")
-        return (model, info) if want_info else model
+        return load_strict(super().from_pretrained, *args, **kwargs)
 
     def __init__(self, config: PLTConfig) -> None:
         super().__init__(config)
         self.model = PLTModel(config)
-        self.lm_head = PLTLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -437,10 +391,7 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
     def compile_decode(self, **compile_kwargs) -> None:
         """Compile the layer stack of one-token steps with `torch.compile`. It is used when decoding with a
         `PLTCache(static=True)` (or `generate(..., cache_implementation="static")`), whose shapes never change."""
-        # Dynamo caches compiled graphs per code object, so every model in a process (and every loop index of the
-        # sequential modes) shares `run_layers`' budget of recompilations; past it, decoding silently runs eager.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.model.compiled_layers = torch.compile(self.model.run_layers, dynamic=False, **compile_kwargs)
+        self.model.compiled_layers = compile_step(self.model.run_layers, **compile_kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
                                       batch_size: int, max_cache_length: int) -> None:

@@ -1,0 +1,64 @@
+"""Checkpoint files of a model directory (design §4): integrity of the safetensors files and strict loading.
+
+`transformers` would initialise a missing weight at random and drop an unexpected one with a warning; a released
+checkpoint loaded that way computes something plausible but wrong. Here every such mismatch is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, corrupt, or whose weights do not match the model its config describes."""
+
+
+def check_weight_files(directory: Path) -> None:
+    """Fail, naming the file, if a safetensors file of the checkpoint is missing, truncated or corrupt."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({err})") from err
+    else:
+        names = [p.name for p in sorted(directory.glob("*.safetensors"))]
+    for name in names:
+        path = directory / name
+        if not path.exists():
+            raise CheckpointError(f"{path} is listed in {index.name} but missing: the checkpoint is incomplete")
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own error type for every kind of damage
+            raise CheckpointError(f"{path} is truncated or corrupt ({err}); save or download it again") from err
+
+
+def mismatch_problems(info: dict[str, Any]) -> list[str]:
+    """The loading report of `from_pretrained(..., output_loading_info=True)` as a list of problems."""
+    problems = [f"missing weight {k}" for k in sorted(info["missing_keys"])]
+    problems += [f"unexpected weight {k}" for k in sorted(info["unexpected_keys"])]
+    problems += [f"weight {m[0]} has shape {tuple(m[1])} in the checkpoint but the config needs {tuple(m[2])}"
+                 for m in sorted(info["mismatched_keys"])]
+    return problems
+
+
+def load_strict(load: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call `PreTrainedModel.from_pretrained` (`load`) and raise `CheckpointError` naming every weight that is
+    missing, unexpected or wrongly shaped, and every damaged weight file of a local directory."""
+    if args and Path(args[0]).is_dir():
+        check_weight_files(Path(args[0]))
+    want_info = kwargs.pop("output_loading_info", False)
+    kwargs.setdefault("ignore_mismatched_sizes", True)  # so that we can name the key ourselves
+    model, info = load(*args, output_loading_info=True, **kwargs)
+    problems = mismatch_problems(info)
+    if problems:
+        raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems)
+                              + ". Check plt_num_loops, plt_loop_mode, plt_gate_use_hidden_states, "
+                              "tie_word_embeddings and the sizes in config.json against the weight files.")
+    return (model, info) if want_info else model

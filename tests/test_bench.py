@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from parloop.bench import PRESETS, build_plt, build_reference, plt_config
+from parloop.bench.models import build_plt, build_reference, plt_config
+from parloop.bench.options import PRESETS
 from parloop.cli import main
 
 TINY = ["bench", "--preset", "tiny", "--new-tokens", "3", "--warmup", "1", "--bandwidth-mb", "4", "--no-progress"]

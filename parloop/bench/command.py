@@ -55,6 +55,9 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--compile", action="store_true",
                       help="decode with a static cache and the layer stack compiled by torch.compile (the "
                            "first call per model compiles, off the clock)")
+    what.add_argument("--repeat-reversed", action="store_true",
+                      help="measure every row a second time, in reverse order, and report per row how far apart "
+                           "the two medians are (spread %%): a large spread is noise, not a difference between rows")
     what.add_argument("--sweep", action="store_true",
                       help="instead of --loops: every --sweep-loops x --sweep-batches at --context, and every "
                            "--sweep-loops x --sweep-contexts at --batch; writes plots (long on a CPU with the "
@@ -97,7 +100,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         new_tokens=args.new_tokens, warmup=args.warmup, dtype=args.dtype, threads=args.threads, device=args.device,
         window=args.window, seed=args.seed, sweep=args.sweep, sweep_loops=args.sweep_loops,
         sweep_batches=args.sweep_batches, sweep_contexts=args.sweep_contexts, bandwidth_mb=args.bandwidth_mb,
-        compile=args.compile)
+        compile=args.compile, repeat_reversed=args.repeat_reversed)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -54,6 +54,7 @@ class BenchOptions:
     sweep_contexts: Sequence[int] = SWEEP_CONTEXTS
     bandwidth_mb: int = 512
     compile: bool = False
+    repeat_reversed: bool = False  # measure every row again, in reverse order, and report the spread
 
     def model_shape(self) -> dict[str, int]:
         if self.preset not in PRESETS:

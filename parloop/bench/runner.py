@@ -20,12 +20,12 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from parloop.bench.bandwidth import measure_memory_bandwidth
+from parloop.bench.layouts import all_chosen, step_layouts
 from parloop.bench.models import build_plt, build_reference, plt_config
 from parloop.bench.options import DTYPES, BenchOptions, check_options
 from parloop.bench.timing import significant, time_decode, time_generate
 from parloop.bench.traffic import decode_step_bytes, kv_cache_bytes_formula
 from parloop.cache import PLTCache
-from parloop.kernels import chosen_layouts
 from parloop.model import PLTForCausalLM
 
 
@@ -79,15 +79,19 @@ class _Measurer:
         total = context + o.warmup + o.new_tokens
         if o.compile:
             model.compile_decode()  # compiled once per model; the throwaway call in time_decode compiles it
-        timing = time_decode(model, partial(PLTCache, config, max_length=total, static=o.compile),
-                             self.prompt(batch, context), o.warmup, o.new_tokens)
+        new_cache = partial(PLTCache, config, max_length=total, static=o.compile)
+        prompt = self.prompt(batch, context)
+        timing = time_decode(model, new_cache, prompt, o.warmup, o.new_tokens)
         step_bytes = decode_step_bytes(model, mode, loops, batch, context + self.mid_length, o.window)
+        # few-row layouts are a CPU eager matter; hooks on a compiled model would make it recompile
+        few_row = self.device.type == "cpu" and not o.compile
         return dict(mode=mode, loops=loops, batch=batch, context=context, new_tokens=o.new_tokens,
                     params=sum(p.numel() for p in model.parameters()),
                     decode_ms_per_token=significant(timing.decode_ms), **timing.spread(),
                     prefill_ms=significant(timing.prefill_ms), kv_cache_bytes=timing.cache.kv_cache_bytes(),
                     kv_cache_bytes_formula=kv_cache_bytes_formula(config, batch, total, self.dtype.itemsize),
-                    ratio_to_r1=None, **self.achieved(step_bytes, timing.decode_ms))
+                    ratio_to_r1=None, **self.achieved(step_bytes, timing.decode_ms),
+                    cpu_layouts=step_layouts(model, new_cache, prompt) if few_row else None)
 
 
 def _machine(device: torch.device, bandwidth_gbs: float) -> dict[str, Any]:
@@ -135,10 +139,14 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             row["ratio_to_r1"] = significant(row["decode_ms_per_token"] / r1["decode_ms_per_token"])
 
 
-def _few_row_layouts() -> dict[str, str]:
-    """Which product layout the stacked decode steps ended up using per weight shape and row count (CPU only)."""
-    return {f"{weight[0]}x{weight[1]} rows={rows} threads={threads}": name
-            for (weight, rows, _, threads), name in chosen_layouts().items()}
+def _add_order_spread(rows: list[dict[str, Any]], again: list[dict[str, Any]]) -> None:
+    """Each row's median from the second pass (`again`, measured in reverse order), and how far apart the two are
+    in % of the lower: noise or order effects that a single pass would hide."""
+    second = {(r["mode"], r["loops"], r["batch"], r["context"]): r["decode_ms_per_token"] for r in again}
+    for row in rows:
+        first, other = row["decode_ms_per_token"], second[row["mode"], row["loops"], row["batch"], row["context"]]
+        row["decode_ms_reversed"] = other
+        row["order_spread_pct"] = significant(100 * abs(first - other) / min(first, other))
 
 
 def _compare_to_reference(reference: dict[str, Any], r1: dict[str, Any] | None) -> None:
@@ -154,7 +162,9 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     Returns `{"rows": [...], "reference": {...}, "machine": {...}, "model": {...}, "options": {...}}`; rows carry
     `mode, loops, batch, context, new_tokens, params, decode_ms_per_token (median), decode_ms_p10, decode_ms_p90,
     prefill_ms, kv_cache_bytes (from the cache), kv_cache_bytes_formula (docs/design.md §3), ratio_to_r1,
-    bytes_per_step, achieved_gbs, achieved_bandwidth_pct`.
+    bytes_per_step, achieved_gbs, achieved_bandwidth_pct, cpu_layouts` (the few-row product layouts a CPU decode
+    step used, None on GPUs and compiled); with `repeat_reversed`, also `decode_ms_reversed` (the median of a
+    second pass in reverse order) and `order_spread_pct`.
     """
     device = check_options(options)
     if options.threads is not None:
@@ -165,7 +175,8 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     shape, runs = options.model_shape(), _runs(options)
     max_length = max(c for _, _, c in options.points()) + options.warmup + options.new_tokens
 
-    bar = tqdm(total=len(runs) + 1, desc="parloop bench", unit="run", disable=not progress)
+    passes = 2 if options.repeat_reversed else 1
+    bar = tqdm(total=passes * len(runs) + 1, desc="parloop bench", unit="run", disable=not progress)
     bar.set_postfix_str("transformers Llama reference")
     base = build_plt(plt_config(shape, 1, "parallel", options.window, max_length), None, options.seed)
     base_state = base.state_dict()  # kept on the CPU in float32: what every other model loads
@@ -173,10 +184,12 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     reference = measurer.reference(base, base_state)
     bar.update()
     rows = _measure_rows(measurer, runs, base, base_state, max_length, bar)
+    if options.repeat_reversed:
+        _add_order_spread(rows, _measure_rows(measurer, runs[::-1], base, base_state, max_length, bar))
     bar.close()
 
     _add_ratios(rows)
-    machine["cpu_few_row_layouts"] = _few_row_layouts()
+    machine["cpu_few_row_layouts"] = all_chosen()
     _compare_to_reference(reference, _r1_row(rows, options.batch, options.context))
     model_info = dict(preset=options.preset, **shape, head_dim=base.config.head_dim, tie_word_embeddings=True,
                       window=options.window, dtype=options.dtype, params_r1=sum(p.numel() for p in base.parameters()))

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from parloop.bench.layouts import summary
+
 # (title, row key, format) per column
 COLUMNS = [("mode", "mode", "{}"), ("R", "loops", "{}"), ("batch", "batch", "{}"), ("context", "context", "{}"),
            ("decode ms/tok", "decode_ms_per_token", "{:.2f}"), ("x R=1", "ratio_to_r1", "{:.2f}"),
            ("prefill ms", "prefill_ms", "{:.1f}"), ("KV bytes", "kv_cache_bytes", "{:,}"),
            ("= formula", "kv_cache_bytes_formula", "{}"), ("GB/s", "achieved_gbs", "{:.1f}"),
            ("% bw", "achieved_bandwidth_pct", "{:.1f}")]
+# columns shown only when some row has a value for them
+OPTIONAL_COLUMNS = [("spread %", "order_spread_pct", "{:.1f}"), ("CPU layouts", "cpu_layouts", "{}")]
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    value = row[key]
+    value = row.get(key)
     if key == "kv_cache_bytes_formula":
         value = "yes" if value == row["kv_cache_bytes"] else f"NO ({value:,})"
+    elif key == "cpu_layouts":
+        value = summary(value)
     return "-" if value is None else fmt.format(value)
 
 
@@ -54,8 +60,10 @@ def _machine_line(mach: dict[str, Any]) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The rows as an aligned text table, with the model, the reference and the machine below."""
-    cells = [[title for title, _, _ in COLUMNS]]
-    cells += [[_cell(row, key, fmt) for _, key, fmt in COLUMNS] for row in result["rows"]]
+    rows = result["rows"]
+    columns = COLUMNS + [c for c in OPTIONAL_COLUMNS if any(row.get(c[1]) is not None for row in rows)]
+    cells = [[title for title, _, _ in columns]]
+    cells += [[_cell(row, key, fmt) for _, key, fmt in columns] for row in rows]
     lines = [_model_line(result), *_aligned(cells), _reference_line(result["reference"]),
              _machine_line(result["machine"])]
     return "\n".join(lines)

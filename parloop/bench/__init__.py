@@ -7,8 +7,8 @@ timed single-token greedy decode steps; the row reports the median step time, th
 
 Modules, one job each: `options` (presets, what to measure, validation), `models` (PLT models sharing the R = 1
 weights, and the `transformers` Llama reference), `timing` (decode and `generate` step clocks), `bandwidth` (the
-machine's copy bandwidth), `traffic` (KV-cache and per-step byte formulas), `runner` (one run: every row and the
-reference), `table` and `plots` (output), `command` (the CLI).
+machine's copy bandwidth), `traffic` (KV-cache and per-step byte formulas), `layouts` (the CPU few-row layouts a
+step used), `runner` (one run: every row and the reference), `table` and `plots` (output), `command` (the CLI).
 """
 
 from parloop.bench.options import BenchError, BenchOptions

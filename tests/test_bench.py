@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-from parloop.bench import PRESETS, build_plt, build_reference, plt_config
+from parloop.bench.models import build_plt, build_reference, plt_config
+from parloop.bench.options import PRESETS
 from parloop.cli import main
+from parloop.kernels import CANDIDATES
 
 TINY = ["bench", "--preset", "tiny", "--new-tokens", "3", "--warmup", "1", "--bandwidth-mb", "4", "--no-progress"]
 ROW_FIELDS = {"mode", "loops", "batch", "context", "new_tokens", "params", "decode_ms_per_token", "prefill_ms",
@@ -113,6 +115,34 @@ def test_all_rows_and_the_reference_share_the_r1_weights():
     ids = torch.randint(shape["vocab_size"], (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(llama(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_repeat_reversed_measures_every_row_again_and_reports_the_spread(tmp_path, capsys):
+    once = bench(tmp_path, "--loops", "1", "2", "--modes", "parallel", "--context", "8")
+    assert all("order_spread_pct" not in row for row in once["rows"])
+    assert "spread %" not in capsys.readouterr().out
+    twice = bench(tmp_path, "--loops", "1", "2", "--modes", "parallel", "--context", "8", "--repeat-reversed")
+    assert [r["loops"] for r in twice["rows"]] == [1, 2]  # one row per measurement point, not two
+    for row in twice["rows"]:
+        first, second = row["decode_ms_per_token"], row["decode_ms_reversed"]
+        assert second > 0
+        assert row["order_spread_pct"] == pytest.approx(100 * abs(first - second) / min(first, second), rel=1e-3)
+    assert "spread %" in capsys.readouterr().out
+
+
+def test_rows_report_the_cpu_layouts_their_decode_step_used(tmp_path, capsys):
+    # enough steps for the autotuner to choose for every product (4 timed trials per candidate layout)
+    result = bench(tmp_path, "--loops", "1", "2", "--modes", "parallel", "sequential", "--context", "8",
+                   "--new-tokens", "12")
+    chosen = result["machine"]["cpu_few_row_layouts"]
+    by = {(r["mode"], r["loops"]): r["cpu_layouts"] for r in result["rows"]}
+    for layouts in by.values():
+        assert layouts and layouts.items() <= chosen.items()
+        assert set(layouts.values()) <= CANDIDATES.keys()
+    # a parallel R=2 step stacks the 2 loop streams into 2-row products; a sequential step has 1 row per product
+    assert any("rows=2" in key for key in by["parallel", 2])
+    assert all("rows=1" in key for key in by["sequential", 2])
+    assert "CPU layouts" in capsys.readouterr().out
 
 
 def test_errors_say_what_to_change(capsys):

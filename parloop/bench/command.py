@@ -1,0 +1,121 @@
+"""`parloop bench`: its command-line options, and printing or writing what `run_bench` measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from parloop.bench.options import (
+    DTYPES,
+    PRESETS,
+    SHAPE_OPTIONS,
+    SWEEP_BATCHES,
+    SWEEP_CONTEXTS,
+    SWEEP_LOOPS,
+    BenchError,
+    BenchOptions,
+)
+from parloop.bench.plots import write_plots
+from parloop.bench.runner import run_bench
+from parloop.bench.table import format_table
+from parloop.config import LOOP_MODES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model (random weights)")
+    model.add_argument("--preset", choices=list(PRESETS), default="100m",
+                       help="model shape: tiny (smoke tests), 100m (hidden 768, 12 layers, 12 heads, 4 KV heads, "
+                            "intermediate 2048, vocab 32000, tied embeddings: 100.1M parameters), 1b (hidden 2048, "
+                            "22 layers, 32/4 heads, intermediate 5632: 1.03B)")
+    for option, name in SHAPE_OPTIONS:
+        model.add_argument(f"--{option.replace('_', '-')}", type=_positive_int, default=None,
+                           help=f"override the preset's {name}%(default).0s")
+    model.add_argument("--window", type=int, default=64, help="sliding window W of loops >= 1 (keys t-W..t)")
+    model.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and activations")
+    model.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
+
+
+def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_argument_group("what to measure")
+    what.add_argument("--loops", type=_positive_int, nargs="+", default=[1, 2, 3, 4], help="loop counts R")
+    what.add_argument("--modes", choices=LOOP_MODES, nargs="+", default=list(LOOP_MODES), help="loop modes")
+    what.add_argument("--batch", type=_positive_int, default=1, help="sequences decoded together")
+    what.add_argument("--context", type=_positive_int, default=512, help="prompt tokens prefilled before decoding")
+    what.add_argument("--new-tokens", type=_positive_int, default=32, help="timed decode steps per row")
+    what.add_argument("--warmup", type=int, default=10, help="untimed decode steps before the timed ones")
+    what.add_argument("--compile", action="store_true",
+                      help="decode with a static cache and the layer stack compiled by torch.compile (the "
+                           "first call per model compiles, off the clock)")
+    what.add_argument("--repeat-reversed", action="store_true",
+                      help="measure every row a second time, in reverse order, and report per row how far apart "
+                           "the two medians are (spread %%): a large spread is noise, not a difference between rows")
+    what.add_argument("--sweep", action="store_true",
+                      help="instead of --loops: every --sweep-loops x --sweep-batches at --context, and every "
+                           "--sweep-loops x --sweep-contexts at --batch; writes plots (long on a CPU with the "
+                           "100m model: tens of minutes)")
+    what.add_argument("--sweep-loops", type=_positive_int, nargs="+", default=list(SWEEP_LOOPS), help="sweep's R")
+    what.add_argument("--sweep-batches", type=_positive_int, nargs="+", default=list(SWEEP_BATCHES),
+                      help="sweep's batch sizes")
+    what.add_argument("--sweep-contexts", type=_positive_int, nargs="+", default=list(SWEEP_CONTEXTS),
+                      help="sweep's context lengths")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_argument_group("machine and output")
+    where.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    # "%(default).0s" prints nothing; it stops the CLI's formatter from adding "(default: None)"
+    where.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch.set_num_threads (default: torch's choice)%(default).0s")
+    where.add_argument("--bandwidth-mb", type=_positive_int, default=512,
+                       help="size of the tensor copied to measure memory bandwidth")
+    where.add_argument("--json", type=Path, default=None, metavar="FILE",
+                       help="write the rows, reference, machine and model as JSON%(default).0s")
+    where.add_argument("--plot-dir", type=Path, default=None, metavar="DIR",
+                       help="write PNG plots here (default: none, or bench-plots with --sweep)%(default).0s")
+    where.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Decode latency is the median of --new-tokens single-token forward calls after --warmup "
+                     "ones, with the cache prefilled by a random prompt of --context tokens; every model uses "
+                     "the same random weights. Timings depend on what else runs on the machine.")
+    _add_model_arguments(parser)
+    _add_measure_arguments(parser)
+    _add_output_arguments(parser)
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    shape = {name: getattr(args, option) for option, name in SHAPE_OPTIONS if getattr(args, option) is not None}
+    return BenchOptions(
+        preset=args.preset, shape=shape, loops=args.loops, modes=args.modes, batch=args.batch, context=args.context,
+        new_tokens=args.new_tokens, warmup=args.warmup, dtype=args.dtype, threads=args.threads, device=args.device,
+        window=args.window, seed=args.seed, sweep=args.sweep, sweep_loops=args.sweep_loops,
+        sweep_batches=args.sweep_batches, sweep_contexts=args.sweep_contexts, bandwidth_mb=args.bandwidth_mb,
+        compile=args.compile, repeat_reversed=args.repeat_reversed)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = run_bench(options_from_args(args), progress=not args.no_progress)
+    except BenchError as err:
+        print(f"parloop bench: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    plot_dir = args.plot_dir if args.plot_dir is not None else (Path("bench-plots") if args.sweep else None)
+    if plot_dir is not None:
+        for path in write_plots(result, plot_dir):
+            print(f"wrote {path}")
+    return 0

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from parloop.inference.loading import add_model_arguments, load_model
 from parloop.padding import left_pad
-from parloop.generation import add_model_arguments, load_model
 from parloop.programs import Program, held_out_set, is_correct, run_many, training_programs
 
 TASKS = ("bpb", "code-reasoning", "line-completion", "humaneval", "loop-diagnostics")

@@ -16,8 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("parloop.training", "train a PLT model from a recipe, on one process or many (torchrun)"),
     "quickstart": ("parloop.quickstart", "build the stdlib corpus, train R=2 and R=1, compare, sample, bench"),
     "bench": ("parloop.bench.command", "decode latency, prefill time and KV-cache bytes per loop mode and loop count"),
-    "serve": ("parloop.serve", "OpenAI-compatible HTTP server with continuous batching"),
-    "generate": ("parloop.generation", "generate from a prompt, streaming tokens to the terminal"),
+    "serve": ("parloop.inference.server", "OpenAI-compatible HTTP server with continuous batching"),
+    "generate": ("parloop.inference.generate", "generate from a prompt, streaming tokens to the terminal"),
     "eval": ("parloop.evaluation", "evaluate a checkpoint: bits per byte, code reasoning, line completion, HumanEval"),
     "study": ("parloop.study", "the loop-count study: matched models for R = 1..5 and loop modes, evaluated, reported"),
 }

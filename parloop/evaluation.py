@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from parloop.generation import add_model_arguments, load_model
+from parloop.inference.loading import add_model_arguments, load_model
 from parloop.padding import left_pad
 from parloop.programs import Program, held_out_set, is_correct, run_many, training_programs
 

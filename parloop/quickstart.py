@@ -42,7 +42,7 @@ def complete(model_dir: str | Path, prompt: str, max_new_tokens: int, seed: int 
     """A sampled continuation of `prompt` (temperature 0.8, top-p 0.95, fixed seed) by the model in `model_dir`."""
     import torch
 
-    from parloop.generation import load_model
+    from parloop.inference.loading import load_model
 
     model, tokenizer = load_model(Path(model_dir), device="cpu")
     # Every document in the training stream follows an end-of-text token, so a prompt that starts with it

@@ -209,7 +209,7 @@ def evaluate_model(model_dir: Path, corpus: Path, held_out: Sequence[Program], s
     """Every evaluation of one model (and its per-loop diagnostics when R >= 2), on held-out data only."""
     from parloop.diagnostics import diagnose
     from parloop.evaluation import bits_per_byte, code_reasoning, held_out_texts, humaneval, line_completion
-    from parloop.generation import load_model
+    from parloop.inference.loading import load_model
 
     model, tokenizer = load_model(model_dir, device, "float32")
     context, batch = settings["context"], settings["batch"]

@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_model
 
 from parloop import PLTCache
-from parloop.engine import Engine, LimitError, SamplingParams, Sequence
+from parloop.inference.engine import Engine, LimitError, SamplingParams, Sequence
+from parloop.inference.sampling import sample
 
 
 @pytest.fixture(autouse=True)
@@ -147,15 +148,13 @@ def test_seeded_sampling_does_not_depend_on_the_batch() -> None:
 
 
 def test_top_p_keeps_only_the_nucleus() -> None:
-    model = tiny_model()
-    engine = Engine(model)
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]])
     seqs = [Sequence([1], SamplingParams(temperature=1.0, top_p=0.5), 1, ignore, generator=torch.Generator())]
     seqs[0].generator.manual_seed(0)
     # token 0 alone has probability 0.71 >= 0.5, so it is the whole nucleus
-    assert {engine._sample(logits, seqs)[0] for _ in range(50)} == {0}
+    assert {sample(logits, seqs)[0] for _ in range(50)} == {0}
     seqs[0] = Sequence([1], SamplingParams(temperature=1.0, top_p=0.9), 1, ignore, generator=torch.Generator())
-    assert {engine._sample(logits, seqs)[0] for _ in range(200)} == {0, 1}
+    assert {sample(logits, seqs)[0] for _ in range(200)} == {0, 1}
 
 
 def test_cancel_frees_the_row_at_the_next_step() -> None:

@@ -28,10 +28,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import parloop  # noqa: F401  (registers the model type with the Auto classes)
-from parloop import generation
-from parloop.engine import Engine
-from parloop.generation import TextStream
-from parloop.serve import create_app
+from parloop.inference import generate, loading
+from parloop.inference.engine import Engine
+from parloop.inference.server import create_app
+from parloop.inference.text import TextStream
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -86,7 +86,7 @@ class Reference:
     """`model.generate` on a separate copy of the checkpoint (the server's copy lives on its engine thread)."""
 
     def __init__(self, model_dir: Path) -> None:
-        self.model, self.tokenizer = generation.load_model(model_dir, "cpu")
+        self.model, self.tokenizer = loading.load_model(model_dir, "cpu")
 
     def greedy_ids(self, ids: list[int], max_tokens: int) -> list[int]:
         with torch.no_grad():
@@ -107,7 +107,7 @@ class ThreadServer:
     """uvicorn in a background thread on a free loopback port."""
 
     def __init__(self, model_dir: Path, name: str, **limits: int) -> None:
-        model, tokenizer = generation.load_model(model_dir, "cpu")
+        model, tokenizer = loading.load_model(model_dir, "cpu")
         self.engine = Engine(model, **limits)
         config = uvicorn.Config(create_app(self.engine, tokenizer, name), host="127.0.0.1", port=0,
                                 log_level="warning")
@@ -302,8 +302,8 @@ def free_port() -> int:
 def spawn_server(model_dir: Path, max_batch_size: int) -> tuple[subprocess.Popen, str]:
     """`parloop serve` in its own process (its own interpreter lock, as in real use)."""
     port = free_port()
-    code = ("import argparse, sys; from parloop import serve; p = argparse.ArgumentParser(); "
-            "serve.add_arguments(p); sys.exit(serve.run(p.parse_args(sys.argv[1:])))")
+    code = ("import argparse, sys; from parloop.inference import server; "
+            "p = argparse.ArgumentParser(); server.add_arguments(p); sys.exit(server.run(p.parse_args(sys.argv[1:])))")
     proc = subprocess.Popen([sys.executable, "-c", code, "--model", str(model_dir), "--port", str(port),
                              "--max-batch-size", str(max_batch_size), "--log-level", "warning"],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
@@ -371,8 +371,8 @@ def test_load_32_streaming_clients_batched_and_unbatched(model_dirs: dict[str, P
 # -- parloop generate and the text layer ------------------------------------------------------------------------------
 def run_generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    generation.add_arguments(parser)
-    return generation.run(parser.parse_args(argv))
+    generate.add_arguments(parser)
+    return generate.run(parser.parse_args(argv))
 
 
 def test_generate_streams_and_reports(model_dirs: dict[str, Path], ref: Reference, tmp_path: Path,

@@ -1,0 +1,142 @@
+"""The OpenAI API as this server speaks it: request bodies (pydantic), response and stream-chunk bodies, and errors
+answered as OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`) with a status naming the problem.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from parloop.inference.scheduler import LimitError
+
+
+# -- request bodies (strict: a string is not a number; unknown fields are ignored, as OpenAI does) ----------------
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Body):
+    """The fields that completions and chat completions share."""
+
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: Literal[False] = False
+    logprobs: None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": self.role, "content": content}
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# -- errors ---------------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered as OpenAI-style JSON."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class EngineFailure(RuntimeError):
+    """The engine failed while a request's choices were generating."""
+
+
+# the request field each engine limit is about (the rest are about max_tokens)
+_LIMIT_PARAMS = {"max_batch_size": "n", "prompt": "prompt", "max_prompt_tokens": "prompt"}
+
+
+def limit_error(err: LimitError) -> APIError:
+    """A 400 naming the request field that broke an engine limit."""
+    return APIError(400, str(err), param=_LIMIT_PARAMS.get(err.limit, "max_tokens"), code=err.limit)
+
+
+# what a field of several accepted types must be, for error messages (pydantic reports each type's failure)
+_UNIONS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+           "stop": "a string or a list of strings", "content": "a string or a list of text parts"}
+
+
+def parse_body(model: type[_Body], raw: bytes) -> Any:
+    """Validate a JSON body; a `ValidationError` becomes a 400 naming each bad field."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as err:
+        by_field: dict[str, list[str]] = {}
+        for e in err.errors():
+            if e["type"] == "json_invalid":
+                raise APIError(400, f"malformed JSON body: {e['msg']}", code="invalid_json") from err
+            name = ".".join(str(p) for p in e["loc"][:1]) or "body"
+            if e["type"] == "missing":
+                message = "field required"
+            elif e["type"] == "literal_error" or name in ("echo", "logprobs"):
+                message = "not supported by this server"
+            else:
+                message = e["msg"]
+            if message not in by_field.setdefault(name, []):
+                by_field[name].append(message)
+        details = "; ".join(f"{name}: must be {_UNIONS[name]}" if len(msgs) > 1 and name in _UNIONS
+                            else f"{name}: {'; '.join(msgs)}" for name, msgs in by_field.items())
+        raise APIError(400, f"invalid request: {details}", param=next(iter(by_field)), code="invalid_request") from err
+
+
+# -- response bodies ------------------------------------------------------------------------------------------------
+def completion_body(head: dict[str, Any], chat: bool, texts: list[str], finish: list[str | None],
+                    usage: dict[str, int]) -> dict[str, Any]:
+    """A whole (non-streamed) completion or chat completion."""
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish[i]} for i, text in enumerate(texts)]
+    else:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish[i]}
+                   for i, text in enumerate(texts)]
+    return {**head, "choices": choices, "usage": usage}
+
+
+def chunk_choice(chat: bool, i: int, text: str | None, reason: str | None, opening: bool = False) -> dict[str, Any]:
+    """One choice of a stream chunk: new text (None: none, as in a chat's closing chunk) or the finish reason; a
+    chat opens each choice with its role."""
+    if chat:
+        delta = {} if text is None else {"role": "assistant", "content": text} if opening else {"content": text}
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}

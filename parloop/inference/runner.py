@@ -1,0 +1,72 @@
+"""The model side of continuous batching: one `PLTCache` whose rows are sequences, and the forward calls on it.
+
+Every row's tokens end at the cache's last slot; shorter rows are left-padded, so rows of different lengths decode
+in one forward call, all R loops stacked (docs/design.md §3). Row and slot surgery is the cache's own
+(`insert_row`, `clear_row`, `resize_rows`, `compact`); the runner only says which rows, never reads its buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from parloop.cache import PLTCache
+from parloop.model import PLTForCausalLM
+from parloop.padding import left_pad
+
+
+class ModelRunner:
+    """Owns the model and the batched cache; `rows` is how many rows the cache holds."""
+
+    def __init__(self, model: PLTForCausalLM) -> None:
+        self.model = model.eval()
+        self.cache = PLTCache(model.config, max_length=256)
+        self.pad_token_id = model.config.pad_token_id or 0
+        self.rows = 0
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, PLTCache]:
+        """Run `prompts` as one left-padded batch in a cache of their own; return each prompt's last-token logits
+        `[B, V]` and that cache, from which `insert` moves sequences into rows."""
+        device = self.model.device
+        ids, mask = left_pad(prompts, self.pad_token_id)
+        prefilled = PLTCache(self.model.config, max_length=ids.shape[1])
+        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=prefilled,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        return logits, prefilled
+
+    def insert(self, row: int, prefilled: PLTCache, index: int) -> None:
+        """Move sequence `index` of a `prefill` cache into `row`, adding rows up to it when the cache has fewer."""
+        if not self.cache.allocated:
+            self.cache.allocate(0, self.model.dtype, self.model.device)
+        if row >= self.rows:
+            self.rows = row + 1
+            self.cache.resize_rows(self.rows)
+        self.cache.insert_row(row, prefilled, index)
+
+    def decode(self, tokens: list[int | None]) -> torch.Tensor:
+        """One decode step: `tokens[row]` is the row's newest token (None: a free row); return logits `[rows, V]`."""
+        ids = torch.tensor([[self.pad_token_id if t is None else t] for t in tokens], dtype=torch.long)
+        # the mask makes a free row's new slot padding, so free rows stay empty and never block compaction
+        mask = torch.tensor([[t is not None] for t in tokens], dtype=torch.long)
+        device = self.model.device
+        return self.model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=self.cache,
+                          use_cache=True).logits[:, -1]
+
+    def free(self, row: int) -> None:
+        self.cache.clear_row(row)
+
+    def fit(self, rows: int) -> int:
+        """Keep only the first `rows` rows and drop slots that are padding in every row (releasing the cache when
+        no row is left); return the bytes of keys and values the rows' tokens hold."""
+        if rows == 0:
+            self.reset()
+            return 0
+        if self.rows > rows:
+            self.rows = rows
+            self.cache.resize_rows(rows)
+        self.cache.compact()
+        return self.cache.kv_bytes_in_use()
+
+    def reset(self) -> None:
+        """Release the cache (after a failed step, or when idle)."""
+        self.cache.reset()
+        self.rows = 0

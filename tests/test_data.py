@@ -12,7 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from parloop import cli
-from parloop.data import Corpus, DataError, TokenWindows, build_corpus, iter_documents
+from parloop.train.corpus import Corpus, TokenWindows, build_corpus, iter_documents
+from parloop.train.errors import DataError
 
 VOCAB = 300
 

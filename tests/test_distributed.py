@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_data import build_tiny_corpus
 from test_training import RECIPE, tiny, train_losses
 
-from parloop.training import train
+from parloop.train.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,11 @@ from test_data import build_tiny_corpus, write_source_tree
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from parloop import PLTConfig, cli
-from parloop.data import Corpus, DataError, TokenWindows
-from parloop.training import (
-    Recipe,
-    RecipeError,
-    TrainingInterrupted,
-    checkpoint_problem,
-    load_recipe,
-    recipe_from_dict,
-    train,
-)
+from parloop.train.checkpointer import checkpoint_problem
+from parloop.train.corpus import Corpus, TokenWindows
+from parloop.train.errors import DataError, RecipeError, TrainingInterrupted
+from parloop.train.recipe import Recipe, load_recipe, recipe_from_dict
+from parloop.train.trainer import train
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 INTERRUPT_AT = 5  # Ctrl-C arrives while step 5 is computed

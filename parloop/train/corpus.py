@@ -1,4 +1,4 @@
-"""Code corpora for training: `parloop data build` and the `Corpus` a training run reads.
+"""Code corpora for training: `parloop data build` and the `Corpus` a training run reads (docs/training.md).
 
 A corpus directory holds
 - `tokenizer/`: a byte-level BPE tokenizer in the `transformers` format (`AutoTokenizer.from_pretrained` loads
@@ -29,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from parloop.train.errors import DataError, exit_code
 
 SPLITS = ("train", "val", "test")
 EOS_TOKEN = "<|endoftext|>"
@@ -36,10 +41,6 @@ PAD_TOKEN = "<|pad|>"
 META_FILE = "meta.json"
 FORMAT = "parloop-corpus-v1"
 _ENCODE_BATCH = 64
-
-
-class DataError(ValueError):
-    """A corpus that cannot be built or read; the message says what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,6 @@ def _read_text(path: Path) -> str | None:
 
 
 def _file_documents(root: Path, paths: list[Path], skipped: dict[str, int]) -> Iterator[Document]:
-    from tqdm import tqdm
-
     for path in tqdm(paths, desc="reading", unit="file", leave=False):
         text = _read_text(path)
         if text is None:
@@ -155,9 +154,6 @@ def iter_documents(source: str, pattern: str = "*.py", text_field: str = "text",
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     """A byte-level BPE `transformers` tokenizer trained on `texts` (lossless: decode(encode(t)) == t)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -170,8 +166,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
 
 
 def _encode(tokenizer: Any, texts: list[str], eos_id: int, dtype: np.dtype, desc: str) -> np.ndarray:
-    from tqdm import tqdm
-
     backend = tokenizer.backend_tokenizer
     # A source file that contains the text "<|endoftext|>" must stay text, not become a document boundary.
     backend.encode_special_tokens = True
@@ -183,14 +177,7 @@ def _encode(tokenizer: Any, texts: list[str], eos_id: int, dtype: np.dtype, desc
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
 
 
-def build_corpus(source: str, out_dir: str | Path, vocab_size: int = 8192, val_fraction: float = 0.05,
-                 test_fraction: float = 0.05, pattern: str = "*.py", text_field: str = "text",
-                 force: bool = False) -> dict[str, Any]:
-    """Build (or reuse) a tokenized corpus in `out_dir`; returns its metadata (the content of meta.json).
-
-    An existing corpus built with the same settings is reused; one built with other settings is an error unless
-    `force` is set, in which case it is rebuilt.
-    """
+def _check_settings(vocab_size: int, val_fraction: float, test_fraction: float) -> None:
     if not 256 + 2 <= vocab_size <= 2**32:
         raise DataError(f"vocab_size = {vocab_size} is invalid: a byte-level BPE needs at least 258 tokens "
                         f"(256 bytes and 2 special tokens)")
@@ -199,21 +186,25 @@ def build_corpus(source: str, out_dir: str | Path, vocab_size: int = 8192, val_f
             raise DataError(f"{name} = {value} is invalid: must be between 0 and 1")
     if val_fraction + test_fraction >= 1:
         raise DataError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data")
-    out = Path(out_dir)
-    source_id = str(stdlib_root()) if source == "stdlib" else os.path.abspath(source)
-    settings = {"source": source_id, "pattern": pattern, "text_field": text_field, "vocab_size": vocab_size,
-                "val_fraction": val_fraction, "test_fraction": test_fraction}
+
+
+def _existing_corpus(out: Path, settings: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """The metadata of a corpus in `out` built with `settings` (None: build one); refuses to overwrite others."""
     if out.exists() and not (out / META_FILE).exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not a corpus directory; choose an empty or new --out")
-    if (out / META_FILE).exists() and not force:
-        meta = json.loads((out / META_FILE).read_text())
-        if meta.get("settings") == settings:
-            print(f"reusing the corpus in {out} (built with the same settings)", file=sys.stderr)
-            return meta
-        raise DataError(f"{out} already holds a corpus built with other settings ({meta.get('settings')}); "
-                        f"pass --force to rebuild it or choose another --out")
+    if not (out / META_FILE).exists() or force:
+        return None
+    meta = json.loads((out / META_FILE).read_text())
+    if meta.get("settings") == settings:
+        print(f"reusing the corpus in {out} (built with the same settings)", file=sys.stderr)
+        return meta
+    raise DataError(f"{out} already holds a corpus built with other settings ({meta.get('settings')}); "
+                    f"pass --force to rebuild it or choose another --out")
 
-    skipped: dict[str, int] = {}
+
+def _split_documents(source: str, pattern: str, text_field: str, val_fraction: float, test_fraction: float,
+                     skipped: dict[str, int]) -> dict[str, list[Document]]:
+    """The documents of `source` by split; every split must have at least one."""
     docs: dict[str, list[Document]] = {s: [] for s in SPLITS}
     for doc in iter_documents(source, pattern, text_field, skipped):
         docs[split_of(doc.key, val_fraction, test_fraction)].append(doc)
@@ -224,7 +215,12 @@ def build_corpus(source: str, out_dir: str | Path, vocab_size: int = 8192, val_f
         if not docs[split]:
             raise DataError(f"the {split} split of {source!r} is empty ({total} documents in all): use a larger "
                             f"corpus or raise --val-fraction / --test-fraction")
+    return docs
 
+
+def _write_corpus(out: Path, docs: dict[str, list[Document]], vocab_size: int, settings: dict[str, Any],
+                  skipped: dict[str, int]) -> dict[str, Any]:
+    """Tokenizer, token files, test file list and metadata into `out`, replacing it at once; returns the metadata."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -252,6 +248,27 @@ def build_corpus(source: str, out_dir: str | Path, vocab_size: int = 8192, val_f
     return meta
 
 
+def build_corpus(source: str, out_dir: str | Path, vocab_size: int = 8192, val_fraction: float = 0.05,
+                 test_fraction: float = 0.05, pattern: str = "*.py", text_field: str = "text",
+                 force: bool = False) -> dict[str, Any]:
+    """Build (or reuse) a tokenized corpus in `out_dir`; returns its metadata (the content of meta.json).
+
+    An existing corpus built with the same settings is reused; one built with other settings is an error unless
+    `force` is set, in which case it is rebuilt.
+    """
+    _check_settings(vocab_size, val_fraction, test_fraction)
+    out = Path(out_dir)
+    source_id = str(stdlib_root()) if source == "stdlib" else os.path.abspath(source)
+    settings = {"source": source_id, "pattern": pattern, "text_field": text_field, "vocab_size": vocab_size,
+                "val_fraction": val_fraction, "test_fraction": test_fraction}
+    existing = _existing_corpus(out, settings, force)
+    if existing is not None:
+        return existing
+    skipped: dict[str, int] = {}
+    docs = _split_documents(source, pattern, text_field, val_fraction, test_fraction, skipped)
+    return _write_corpus(out, docs, vocab_size, settings, skipped)
+
+
 class Corpus:
     """A built corpus directory: token memmaps per split, the tokenizer and per-token byte counts."""
 
@@ -277,8 +294,6 @@ class Corpus:
         return np.memmap(self.path / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
 
     def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(self.path / "tokenizer")
 
     def token_bytes(self) -> np.ndarray:
@@ -365,8 +380,7 @@ def run(args: argparse.Namespace) -> int:
         meta = build_corpus(args.source, args.out, args.vocab_size, args.val_fraction, args.test_fraction,
                             args.pattern, args.text_field, args.force)
     except DataError as e:
-        print(f"parloop data build: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e, "parloop data build")
     print(f"corpus: {args.out}  (vocab {meta['vocab_size']}, source {meta['settings']['source']})")
     print(summary_table(meta))
     return 0

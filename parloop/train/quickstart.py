@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+import torch
+
+from parloop.bench import BenchOptions, format_table, run_bench
+from parloop.inference.loading import load_model
+from parloop.train.corpus import build_corpus, summary_table
+from parloop.train.errors import USER_ERRORS, exit_code
+from parloop.train.metrics import format_metrics
+from parloop.train.recipe import load_recipe
+from parloop.train.trainer import train
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 LOOP_COUNTS = (2, 1)
 
@@ -40,10 +49,6 @@ def comparison_table(results: dict[int, dict[str, Any]]) -> str:
 
 def complete(model_dir: str | Path, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
     """A sampled continuation of `prompt` (temperature 0.8, top-p 0.95, fixed seed) by the model in `model_dir`."""
-    import torch
-
-    from parloop.inference.loading import load_model
-
     model, tokenizer = load_model(Path(model_dir), device="cpu")
     # Every document in the training stream follows an end-of-text token, so a prompt that starts with it
     # reads as the start of a file.
@@ -55,8 +60,6 @@ def complete(model_dir: str | Path, prompt: str, max_new_tokens: int, seed: int 
 
 
 def bench_table(args: argparse.Namespace) -> str:
-    from parloop.bench import BenchOptions, format_table, run_bench
-
     options = BenchOptions(preset=args.bench_preset, loops=(1, 2), context=args.bench_context,
                            new_tokens=args.bench_new_tokens)
     return format_table(run_bench(options))
@@ -82,9 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from parloop.data import DataError, build_corpus, summary_table
-    from parloop.training import RecipeError, TrainingInterrupted, format_metrics, load_recipe, train
-
     started = time.perf_counter()
     run_dir: Path = args.run_dir
     data_dir = run_dir / "data"
@@ -103,12 +103,8 @@ def run(args: argparse.Namespace) -> int:
                     f"{recipe.train.batch_size} x {recipe.train.seq_len} tokens) -> {run_dir / f'r{loops}'}")
             results[loops] = train(recipe, run_dir / f"r{loops}", resume=True)
             print(format_metrics(results[loops]))
-    except (DataError, RecipeError) as e:
-        print(f"parloop quickstart: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as e:
-        print(f"{e}\nrun the same command again to continue where it stopped", file=sys.stderr)
-        return 130
+    except USER_ERRORS as e:
+        return exit_code(e, "parloop quickstart", "run the same command again to continue where it stopped")
 
     _header("validation bits per byte, R = 2 next to the matched R = 1 (same recipe and tokens)")
     print(comparison_table(results))

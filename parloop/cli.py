@@ -18,8 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("parloop.bench", "decode latency, prefill time and KV-cache bytes per loop mode and loop count"),
     "serve": ("parloop.serve", "OpenAI-compatible HTTP server with continuous batching"),
     "generate": ("parloop.generation", "generate from a prompt, streaming tokens to the terminal"),
-    "eval": ("parloop.evaluation", "evaluate a checkpoint: bits per byte, code reasoning, line completion, HumanEval"),
-    "study": ("parloop.study", "the loop-count study: matched models for R = 1..5 and loop modes, evaluated, reported"),
+    "eval": ("parloop.eval.command",
+             "evaluate a checkpoint: bits per byte, code reasoning, line completion, HumanEval"),
+    "study": ("parloop.study.command",
+              "the loop-count study: matched models for R = 1..5 and loop modes, evaluated, reported"),
 }
 
 

@@ -10,8 +10,10 @@ import pytest
 
 from parloop.cli import main
 from parloop.data import Corpus
-from parloop.programs import is_held_out, load_programs
-from parloop.study import PRESETS, Cell, grid, paired_difference, recipe_for, recommend
+from parloop.eval.programs import is_held_out, load_programs
+from parloop.study.analysis import paired_difference, recommend
+from parloop.study.grid import PRESETS, Cell, grid
+from parloop.study.run import recipe_for
 from parloop.training import RecipeError
 
 

@@ -245,7 +245,7 @@ class PLTCache(Cache):
             tensor = getattr(self, name)
             setattr(self, name, tensor.index_select(dim, beam_idx.to(tensor.device)))
 
-    # -- rows and slots, for continuous batching (parloop.engine) ---------------------------------------------------
+    # -- rows and slots, for continuous batching (parloop/inference/runner.py) -----------------------------------
     def resize_rows(self, rows: int) -> None:
         """Hold exactly `rows` sequences: keep the first ones, add empty (all-pad) rows at the end."""
         for name, dim in ROW_DIMS.items():

@@ -18,8 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("parloop.bench.command", "decode latency, prefill time and KV-cache bytes per loop mode and loop count"),
     "serve": ("parloop.inference.server", "OpenAI-compatible HTTP server with continuous batching"),
     "generate": ("parloop.inference.generate", "generate from a prompt, streaming tokens to the terminal"),
-    "eval": ("parloop.evaluation", "evaluate a checkpoint: bits per byte, code reasoning, line completion, HumanEval"),
-    "study": ("parloop.study", "the loop-count study: matched models for R = 1..5 and loop modes, evaluated, reported"),
+    "eval": ("parloop.eval.command", "evaluate a checkpoint: bpb, code reasoning, line completion, HumanEval"),
+    "study": ("parloop.study.command", "the loop-count study: matched models per loop count and mode, with a report"),
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from parloop.diagnostics import (
+from parloop.eval.diagnostics import (
     effective_rank,
     js_divergence,
     loop_diagnostics,

@@ -17,23 +17,12 @@ from transformers import PreTrainedTokenizerFast
 
 from parloop import PLTConfig, PLTForCausalLM
 from parloop.cli import main
-from parloop.data import Corpus, build_corpus, train_tokenizer
-from parloop.evaluation import (
-    _line_targets,
-    _windows,
-    bits_per_byte,
-    check_humaneval,
-    code_reasoning,
-    encode,
-    generate_texts,
-    held_out_texts,
-    humaneval_problems,
-    line_completion,
-    pass_at_k,
-    truncate_completion,
-)
-from parloop.padding import left_pad
-from parloop.programs import (
+from parloop.eval.bpb import _windows, bits_per_byte
+from parloop.eval.decoding import generate_texts
+from parloop.eval.held_out import held_out_texts
+from parloop.eval.humaneval import check_humaneval, humaneval_problems, pass_at_k, truncate_completion
+from parloop.eval.lines import _line_targets, line_completion
+from parloop.eval.programs import (
     Program,
     held_out_set,
     is_correct,
@@ -42,6 +31,10 @@ from parloop.programs import (
     run_python,
     training_programs,
 )
+from parloop.eval.reasoning import code_reasoning
+from parloop.eval.tokens import encode
+from parloop.padding import left_pad
+from parloop.train.corpus import Corpus, build_corpus, train_tokenizer
 
 # -- programs ---------------------------------------------------------------------------------------------------
 

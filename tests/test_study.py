@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from parloop.cli import main
-from parloop.data import Corpus
-from parloop.programs import is_held_out, load_programs
-from parloop.study import PRESETS, Cell, grid, paired_difference, recipe_for, recommend
-from parloop.training import RecipeError
+from parloop.eval.programs import is_held_out, load_programs
+from parloop.study.analysis import paired_difference, recommend
+from parloop.study.grid import PRESETS, Cell, grid
+from parloop.study.run import recipe_for
+from parloop.train.corpus import Corpus
+from parloop.train.errors import RecipeError
 
 
 def test_grid_trains_r1_once_and_every_other_cell_per_mode() -> None:

@@ -26,6 +26,7 @@ from parloop.bench.options import DTYPES, BenchOptions, check_options
 from parloop.bench.timing import significant, time_decode, time_generate
 from parloop.bench.traffic import decode_step_bytes, kv_cache_bytes_formula
 from parloop.cache import PLTCache
+from parloop.kernels import use_few_row_kernels
 from parloop.model import PLTForCausalLM
 
 
@@ -42,9 +43,7 @@ class _Measurer:
 
     def place(self, model: PLTForCausalLM) -> PLTForCausalLM:
         """`model` on the bench's device and dtype, ready to be timed."""
-        model = model.to(device=self.device, dtype=self.dtype)
-        # few-row kernels: lead wires use_few_row_kernels(model) here at merge
-        return model
+        return use_few_row_kernels(model.to(device=self.device, dtype=self.dtype))
 
     def prompt(self, batch: int, context: int) -> torch.Tensor:
         if (batch, context) not in self.prompts:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from parloop.eval.tokens import encode
 from parloop.model import AttentionRecord
 
 # -- the measures, on tensors -----------------------------------------------------------------------------------
@@ -204,8 +205,6 @@ def loop_diagnostics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
 def text_batches(tokenizer: Any, texts: Sequence[str], context: int, batch_size: int, max_sequences: int,
                  device: torch.device) -> list[tuple[torch.Tensor, None]]:
     """Held-out texts cut into full, non-overlapping windows of `context` tokens, batched (no padding)."""
-    from parloop.evaluation import encode
-
     windows: list[list[int]] = []
     for text in texts:
         ids = encode(tokenizer, text)

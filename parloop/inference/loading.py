@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parloop  # noqa: F401  (registers the model type with the Auto classes)
+from parloop.kernels import use_few_row_kernels
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -35,4 +36,4 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto") -> tu
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
-    return model.to(device).eval(), tokenizer
+    return use_few_row_kernels(model.to(device).eval()), tokenizer

@@ -45,6 +45,19 @@ class Step:
     static: bool  # shapes are fixed across calls (a static cache): the step may run compiled
 
 
+@dataclass
+class _Undo:
+    """What one forward call changed in the window rings and carries, so that `PLTCache.crop` can take it back."""
+
+    start: int
+    length: int
+    ring_entries: torch.Tensor | None
+    old_ring: dict[int, KV]  # layer -> the ring entries this call overwrote [R-1, B, Hkv, n, hd]
+    new_window: dict[int, KV]  # layer -> this call's window keys of every new token [R-1, B, Hkv, T, hd]
+    old_carries: torch.Tensor  # [R-1, B, d] before the call
+    handoffs: torch.Tensor | None = None  # [R-1, B, T, d] handoff states of every new token
+
+
 class KVStore(Protocol):
     """What the model needs from the store of keys, values and carried states (design §3)."""
 
@@ -66,7 +79,7 @@ class KVStore(Protocol):
         """Carried states `[n, B, d]` of the loops in `loops` (index r: loop r's state at the slot before)."""
 
     def write_carries(self, loops: slice, states: torch.Tensor) -> None:
-        """Keep `[n, B, d]` handoff states of the last new token as the next call's carries."""
+        """Handoff states `[n, B, T, d]` of every new token: the last one is the next call's carry."""
 
 
 # the batch (sequence) dimension of each per-sequence buffer
@@ -134,6 +147,8 @@ class PLTCache(Cache):
         self.static = static
         self.length = 0
         self.keys: torch.Tensor | None = None
+        self.record_past = False  # keep what each call overwrites, so that `crop` can undo it
+        self._journal: list[_Undo] = []
 
     # -- allocation ---------------------------------------------------------------------------------------------
     def allocate(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -196,6 +211,8 @@ class PLTCache(Cache):
                                    self.config.window)
             ring_entries = slots[-(self.config.window + 1):] % (self.config.window + 1)
         self.length = end
+        if self.record_past:
+            self._journal.append(_Undo(start, length, ring_entries, {}, {}, self.carries.clone()))
         return Step(start, position_ids, prev[..., None], global_mask, local_mask, slots, ring_entries, span,
                     self.static)
 
@@ -207,9 +224,15 @@ class PLTCache(Cache):
         return last - torch.remainder(last - entry, size)
 
     def append(self, step: Step, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        self.keys[layer, loop].index_copy_(2, step.slots, k)
-        self.values[layer, loop].index_copy_(2, step.slots, v)
-        return self.read(step, layer, loop)
+        self.keys[layer, loop].index_copy_(2, step.slots, k.detach())
+        self.values[layer, loop].index_copy_(2, step.slots, v.detach())
+        keys, values = self.read(step, layer, loop)
+        if k.requires_grad and torch.is_grad_enabled():
+            # the buffers hold constants; the new keys keep their graph, so gradients reach them as without a cache
+            end = step.start + k.shape[2]
+            keys = torch.cat([keys[:, :, :step.start], k, keys[:, :, end:]], dim=2)
+            values = torch.cat([values[:, :, :step.start], v, values[:, :, end:]], dim=2)
+        return keys, values
 
     def read(self, step: Step, layer: int, loop: int) -> KV:
         return self.keys[layer, loop, :, :, :step.span], self.values[layer, loop, :, :, :step.span]
@@ -221,15 +244,24 @@ class PLTCache(Cache):
         ring_v = self.win_values[layer, loops].transpose(0, 1)
         keys, values = torch.cat([ring_k, k], dim=3), torch.cat([ring_v, v], dim=3)
         keep = step.ring_entries.shape[0]
-        self.win_keys[layer, loops].index_copy_(3, step.ring_entries, k[:, :, :, new - keep:].transpose(0, 1))
-        self.win_values[layer, loops].index_copy_(3, step.ring_entries, v[:, :, :, new - keep:].transpose(0, 1))
+        if self.record_past:
+            self._record_window(layer, loops, k, v)
+        self.win_keys[layer, loops].index_copy_(3, step.ring_entries, k[:, :, :, new - keep:].transpose(0, 1).detach())
+        self.win_values[layer, loops].index_copy_(3, step.ring_entries,
+                                                  v[:, :, :, new - keep:].transpose(0, 1).detach())
         return keys, values
 
     def read_carries(self, loops: slice) -> torch.Tensor:
         return self.carries[loops]
 
     def write_carries(self, loops: slice, states: torch.Tensor) -> None:
-        self.carries[loops] = states
+        self.carries[loops] = states[:, :, -1].detach()
+        if self.record_past:
+            undo = self._journal[-1]
+            if undo.handoffs is None:
+                undo.handoffs = torch.zeros(*self.carries.shape[:2], states.shape[2], self.carries.shape[-1],
+                                            dtype=states.dtype, device=states.device)
+            undo.handoffs[loops] = states.detach()
 
     # -- transformers Cache API -----------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -238,9 +270,101 @@ class PLTCache(Cache):
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
+    def __len__(self) -> int:
+        return self.config.num_hidden_layers if self.allocated else 0
+
+    def __getitem__(self, layer: int) -> KV:
+        """Loop 0's keys and values of `layer` so far, `[B, Hkv, T, hd]` each (as `DynamicCache[layer]`)."""
+        if not self.allocated or not 0 <= layer < len(self):
+            raise IndexError(f"PLTCache has {len(self)} layers (allocated at the first forward call); asked {layer}")
+        return self.keys[layer, 0, :, :, :self.length], self.values[layer, 0, :, :, :self.length]
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def activate_past_recording(self) -> None:
+        """Keep what each later forward call overwrites until the next `crop`, which can then undo those calls
+        (what transformers' assisted decoding and deferred stop checks do)."""
+        self.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (a negative int, as for transformers' caches): slots, window
+        rings and carried states go back to what they were after the last kept token. `crop(0)` removes nothing.
+        The recorded past is released either way."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"PLTCache.crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        keep = self.length + tokens_to_remove
+        if keep < 0:
+            raise ValueError(f"PLTCache.crop({tokens_to_remove}): the cache holds only {self.length} tokens")
+        if keep < self.length:
+            self._undo_to(keep)
+            removed = self.valid[:, keep:self.length]
+            self.real -= removed.sum(-1)
+            removed.zero_()
+            self.length = keep
+        self._journal.clear()
+
+    def _undo_to(self, keep: int) -> None:
+        layout = self.config.loop_layout
+        if not (layout.gated or layout.offset):
+            return  # full caches only: dropping slots is enough
+        if not self._journal or self._journal[0].start > keep:
+            raise RuntimeError(f"PLTCache cannot go back to {keep} tokens: the window rings and carried states of "
+                               "later tokens were not recorded; call cache.activate_past_recording() before the "
+                               "forward calls that may be undone")
+        while self._journal and self._journal[-1].start >= keep:
+            self._restore(self._journal.pop())
+        if self._journal and keep < self._journal[-1].start + self._journal[-1].length:
+            undo = self._journal.pop()
+            self._restore(undo)
+            self._replay(undo, keep)
+
+    def _restore(self, undo: _Undo) -> None:
+        for layer, (k, v) in undo.old_ring.items():
+            self.win_keys[layer].index_copy_(3, undo.ring_entries, k)
+            self.win_values[layer].index_copy_(3, undo.ring_entries, v)
+        self.carries.copy_(undo.old_carries)
+
+    def _replay(self, undo: _Undo, keep: int) -> None:
+        """Redo the part of `undo`'s call that stays: its tokens before slot `keep`."""
+        size = self.config.window + 1
+        first = max(undo.start, keep - size)
+        entries = torch.arange(first, keep, device=self.valid.device) % size
+        for layer, (k, v) in undo.new_window.items():
+            self.win_keys[layer].index_copy_(3, entries, k[:, :, :, first - undo.start:keep - undo.start])
+            self.win_values[layer].index_copy_(3, entries, v[:, :, :, first - undo.start:keep - undo.start])
+        if undo.handoffs is not None:
+            self.carries.copy_(undo.handoffs[:, :, keep - 1 - undo.start])
+
+    def _record_window(self, layer: int, loops: slice, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Journal the ring entries this call overwrites and its own window keys (all loops of a call come in one
+        `window` call in a stacked step, or loop by loop otherwise)."""
+        undo = self._journal[-1]
+        if layer not in undo.old_ring:
+            undo.old_ring[layer] = (self.win_keys[layer].index_select(3, undo.ring_entries),
+                                    self.win_values[layer].index_select(3, undo.ring_entries))
+            shape = list(self.win_keys[layer].shape)
+            shape[3] = undo.length
+            undo.new_window[layer] = (self.win_keys.new_zeros(shape), self.win_values.new_zeros(shape))
+        new_k, new_v = undo.new_window[layer]
+        new_k[loops] = k.transpose(0, 1).detach()
+        new_v[loops] = v.transpose(0, 1).detach()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every sequence `repeats` times in place (as transformers' caches do for num_return_sequences)."""
+        if self.allocated:
+            self.reorder_cache(torch.arange(self.batch_size, device=self.valid.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the sequences `indices`, in that order."""
+        if self.allocated:
+            self.reorder_cache(torch.as_tensor(indices, device=self.valid.device))
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.keys is None:
             return
+        self._journal.clear()  # rows changed: the recorded past no longer matches them
         for name, dim in ROW_DIMS.items():
             tensor = getattr(self, name)
             setattr(self, name, tensor.index_select(dim, beam_idx.to(tensor.device)))
@@ -327,6 +451,7 @@ class PLTCache(Cache):
     def reset(self) -> None:
         self.length = 0
         self.keys = None
+        self._journal.clear()
 
     # -- size -----------------------------------------------------------------------------------------------------
     def kv_cache_bytes(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -10,6 +10,7 @@ from transformers import PreTrainedConfig
 
 LOOP_MODES = ("parallel", "sequential_shared", "sequential")
 RELEASED_ARCHITECTURE = "IQuestPLTCoderForCausalLM"
+RELEASED_EOS_TOKEN_IDS = (2, 75864, 75869)  # the released config class's default
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
 class PLTConfig(PreTrainedConfig):
     """Configuration of a Parallel Loop Transformer (`model_type = "iquestpltcoder"`).
 
-    The Llama fields mean what they mean for `LlamaConfig`. The PLT fields:
+    Every default is that of the released LoopCoder-V2 config class (`IQuestPLTCoderConfig`), so a `config.json`
+    that leaves a field out means the same here as there (design §4). The Llama fields mean what they mean for
+    `LlamaConfig`. The PLT fields:
 
     - `plt_num_loops` (R): how many times the layer stack is applied; R = 1 is a plain Llama model.
     - `plt_window_size` `[left, right]`: the sliding window of loops r >= 1 over their own keys; `[64, 0]` means
@@ -81,13 +84,13 @@ class PLTConfig(PreTrainedConfig):
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     hidden_act: str = "silu"
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = 131072
     initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-5
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
+    eos_token_id: int | list[int] | None = field(default_factory=lambda: list(RELEASED_EOS_TOKEN_IDS))
     tie_word_embeddings: bool = False
     rope_parameters: dict | None = None
     attention_bias: bool = False
@@ -96,13 +99,13 @@ class PLTConfig(PreTrainedConfig):
 
     plt_num_loops: int = 2
     plt_window_size: list[int] | tuple[int, int] | None = None
-    plt_normalize_per_loop: bool = False
+    plt_normalize_per_loop: bool = True
     plt_emb_scale: float | None = None
     plt_hidden_scale: float | None = None
     plt_gate_use_hidden_states: bool = False
     plt_loop_mode: str = "parallel"
 
-    default_theta = 10000.0
+    default_theta = 500000.0
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.head_dim is None and self.num_attention_heads > 0:
@@ -118,10 +121,10 @@ class PLTConfig(PreTrainedConfig):
 
     def check(self) -> None:
         """Raise `ConfigError` naming the first field whose value cannot work."""
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, field)
-            _require(isinstance(value, int) and value >= 1, field, value, "must be an integer >= 1")
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, name, value, "must be an integer >= 1")
         _require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
                  self.num_key_value_heads,
                  f"num_attention_heads ({self.num_attention_heads}) must be divisible by it")
@@ -138,9 +141,9 @@ class PLTConfig(PreTrainedConfig):
         _require(window[1] == 0, "plt_window_size", window, "right must be 0 (the window is causal)")
         _require(self.plt_loop_mode in LOOP_MODES, "plt_loop_mode", self.plt_loop_mode,
                  f"allowed: {', '.join(LOOP_MODES)}")
-        for field in ("plt_emb_scale", "plt_hidden_scale"):
-            value = getattr(self, field)
-            _require(value is None or isinstance(value, (int, float)), field, value, "must be a number or null")
+        for name in ("plt_emb_scale", "plt_hidden_scale"):
+            value = getattr(self, name)
+            _require(value is None or isinstance(value, (int, float)), name, value, "must be a number or null")
 
     @property
     def loop_layout(self) -> LoopLayout:

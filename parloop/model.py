@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -30,6 +31,10 @@ from parloop.cache import ForwardKV, KVStore, PLTCache, Step
 from parloop.checkpoint import load_strict
 from parloop.config import PLTConfig
 from parloop.kernels import compile_step
+
+# Keyword arguments that transformers may pass and that change nothing here: parloop tracks cache slots itself,
+# and the loss takes its own keyword arguments.
+IGNORED_KWARGS = {"cache_position", "num_items_in_batch"}
 
 
 class PLTRMSNorm(nn.Module):
@@ -156,7 +161,9 @@ class PLTAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
         self.layout = config.loop_layout
-        if self.layout.gated:
+        if self.layout.gated or config.plt_num_loops == 1:
+            # the released model code builds the gate whatever the loop count, so its R = 1 checkpoints carry one
+            # (unused here); parloop's own R = 1 checkpoints may lack it (see checkpoint.load_strict)
             self.plt_gate = PLTGate(config)
         self.probe: Callable[[AttentionRecord], None] | None = None  # see PLTModel.set_attention_probe
 
@@ -201,7 +208,7 @@ class PLTAttention(nn.Module):
         return self.o_proj(out.transpose(2, 3).reshape(B, S, T, H * hd))
 
 
-class PLTDecoderLayer(nn.Module):
+class PLTDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: PLTConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = PLTAttention(config, layer_idx)
@@ -233,7 +240,7 @@ class PLTPreTrainedModel(PreTrainedModel):
     config_class = PLTConfig
     config: PLTConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["PLTDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
@@ -270,15 +277,18 @@ class PLTModel(PLTPreTrainedModel):
             layer.self_attn.probe = probe
 
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int, kv: KVStore,
-                step: Step) -> torch.Tensor:
-        if self.compiled_layers is not None and step.static and h.shape[2] == 1:
+                step: Step, collect: list[torch.Tensor] | None) -> torch.Tensor:
+        if self.compiled_layers is not None and step.static and h.shape[2] == 1 and collect is None:
             return self.compiled_layers(h, cos, sin, first_loop, kv, step)
-        return self.run_layers(h, cos, sin, first_loop, kv, step)
+        return self.run_layers(h, cos, sin, first_loop, kv, step, collect)
 
     def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int, kv: KVStore,
-                   step: Step) -> torch.Tensor:
+                   step: Step, collect: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The layer stack over streams `[B, S, T, d]`; each layer's output is appended to `collect` if given."""
         for layer in self.layers:
             h = layer(h, cos, sin, first_loop, kv, step)
+            if collect is not None:
+                collect.append(h)
         return h
 
     def _loop_input(self, emb: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -293,8 +303,15 @@ class PLTModel(PLTPreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: PLTCache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                output_loop_states: bool = False) -> PLTModelOutput:
-        """The final loop's normed hidden states `[B, T, d]`, the cache, and the loop states when asked for."""
+                output_loop_states: bool = False, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> PLTModelOutput | tuple:
+        """The final loop's normed hidden states `[B, T, d]`, the cache, and on request the loop states and the
+        hidden states. `hidden_states` has `1 + R * L` entries: the embeddings, then the output of every layer in
+        every loop (loop 0's L layers first, then loop 1's, ...), the last one replaced by the final normed state,
+        as for Llama. `loop_states` has R entries: the state after each loop, before any norm."""
+        use_cache, hidden, return_dict = self._resolve_flags(kwargs, use_cache, output_hidden_states,
+                                                             output_attentions, return_dict, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -309,18 +326,42 @@ class PLTModel(PLTPreTrainedModel):
             position_ids, bound = step.position_ids, step.start + T
         cos, sin = self.rotary_emb(position_ids, emb.dtype, bound)
 
+        collect = [] if hidden else None
         if cache is not None and T == 1 and self.config.loop_layout.offset:
-            h, states = self._decode_stacked(emb, cos, sin, kv, step)
+            h, states = self._decode_stacked(emb, cos, sin, kv, step, collect)
         else:
-            h, states = self._loops_one_by_one(emb, cos, sin, kv, step)
-        return PLTModelOutput(last_hidden_state=self.norm(h), past_key_values=cache,
-                              loop_states=tuple(states) if output_loop_states else None)
+            h, states = self._loops_one_by_one(emb, cos, sin, kv, step, collect)
+        out = PLTModelOutput(last_hidden_state=self.norm(h), past_key_values=cache,
+                             hidden_states=(emb, *collect[:-1], self.norm(h)) if hidden else None,
+                             loop_states=tuple(states) if output_loop_states else None)
+        return out if return_dict else out.to_tuple()
 
-    def _loops_one_by_one(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore,
-                          step: Step) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _resolve_flags(self, kwargs: dict, use_cache: bool | None, output_hidden_states: bool | None,
+                       output_attentions: bool | None, return_dict: bool | None,
+                       cache: object) -> tuple[bool, bool, bool]:
+        """The call's options, defaulting to the config as in transformers, and refusals of what cannot work."""
+        unknown = set(kwargs) - IGNORED_KWARGS
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward got unexpected keyword arguments: {sorted(unknown)}")
+        if cache is not None and not isinstance(cache, PLTCache):
+            raise TypeError(f"past_key_values is a {type(cache).__name__}, but a PLT model keeps loop 0's keys, the "
+                            "window rings and the cross-loop carries: pass a parloop.PLTCache(model.config) or None")
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
+            raise ValueError("output_attentions is not supported: loops r >= 1 mix two attention distributions "
+                             "(global over loop 0's keys, local over a window) through a gate, so there is no single "
+                             "attention matrix per layer. Use PLTModel.set_attention_probe(fn) to receive each call's "
+                             "queries, keys, mask and gate, or `parloop eval --task loop-diagnostics`.")
+        if use_cache is None:
+            checkpointing = self.training and any(layer.gradient_checkpointing for layer in self.layers)
+            use_cache = self.config.use_cache and not checkpointing
+        hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return bool(use_cache), bool(hidden), self.config.return_dict if return_dict is None else return_dict
+
+    def _loops_one_by_one(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, step: Step,
+                          collect: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Training, prefill and the sequential modes: loop r runs over the whole chunk after loop r-1."""
         states = []
-        h = self._layers(emb[:, None], cos, sin, 0, kv, step)[:, 0]
+        h = self._layers(emb[:, None], cos, sin, 0, kv, step, collect)[:, 0]
         states.append(h)
         for r in range(1, self.config.plt_num_loops):
             prev = self._handoff(h)
@@ -329,14 +370,16 @@ class PLTModel(PLTPreTrainedModel):
                 # this chunk (zero at the start); a pad slot before a token contributes nothing.
                 loops = slice(r - 1, r)
                 shifted = torch.cat([kv.read_carries(loops).transpose(0, 1), prev[:, :-1]], dim=1) * step.prev_valid
-                kv.write_carries(loops, prev[None, :, -1])  # after the read: a cache hands out views
+                kv.write_carries(loops, prev[None])  # after the read: a cache hands out views
                 prev = shifted
-            h = self._layers(self._loop_input(emb, prev)[:, None], cos, sin, r, kv, step)[:, 0]
+            h = self._layers(self._loop_input(emb, prev)[:, None], cos, sin, r, kv, step, collect)[:, 0]
             states.append(h)
+        if collect is not None:
+            collect[:] = [c[:, 0] for c in collect]
         return h, states
 
-    def _decode_stacked(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore,
-                        step: Step) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _decode_stacked(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, step: Step,
+                        collect: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One new token in `parallel` mode: all R loops as R streams through each layer once.
 
         Loop r's input a*E[t] + b*H[r-1][t-1] needs only the carry from the previous step, so the streams are
@@ -346,8 +389,10 @@ class PLTModel(PLTPreTrainedModel):
         carries = kv.read_carries(every)[:, :, None].transpose(0, 1)  # [B, R-1, 1, d]
         carried = self._loop_input(emb[:, None], carries * step.prev_valid[:, None])
         streams = torch.cat([emb[:, None], carried], dim=1)  # [B, R, 1, d]
-        h = self._layers(streams, cos, sin, 0, kv, step)
-        kv.write_carries(every, self._handoff(h[:, :-1, 0]).transpose(0, 1))
+        h = self._layers(streams, cos, sin, 0, kv, step, collect)
+        kv.write_carries(every, self._handoff(h[:, :-1]).transpose(0, 1))
+        if collect is not None:  # per layer [B, R, 1, d] -> loop-major, like the one-by-one order
+            collect[:] = [c[:, r] for r in range(h.shape[1]) for c in collect]
         return h[:, -1], list(h.unbind(1))
 
 
@@ -376,17 +421,21 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: PLTCache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                output_loop_states: bool = False, **kwargs) -> PLTOutput:
+                output_loop_states: bool = False, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None, **kwargs) -> PLTOutput | tuple:
         """Logits of the final loop, and the shifted next-token cross-entropy when `labels` are given (-100 is
-        ignored), like any causal LM in `transformers`."""
+        ignored), like any causal LM in `transformers`. See `PLTModel.forward` for the other outputs."""
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_loop_states)
+                         output_loop_states, output_hidden_states, output_attentions, return_dict=True, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return PLTOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, loop_states=out.loop_states)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        result = PLTOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                           hidden_states=out.hidden_states, loop_states=out.loop_states)
+        return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
     def compile_decode(self, **compile_kwargs) -> None:
         """Compile the layer stack of one-token steps with `torch.compile`. It is used when decoding with a
@@ -399,6 +448,8 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
             static = generation_config.cache_implementation == "static"
             model_kwargs["past_key_values"] = PLTCache(self.config, max_length=max_cache_length, static=static)
+            if generation_config.is_assistant:  # the main model will crop away the drafts it rejects
+                model_kwargs["past_key_values"].activate_past_recording()
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
                                               max_cache_length)

@@ -179,7 +179,8 @@ def test_overrides_and_toml_recipes(corpus_dir: Path, tmp_path: Path) -> None:
                     f'intermediate_size = 64\nnum_hidden_layers = 1\nnum_attention_heads = 2\n'
                     f'num_key_value_heads = 1\nmax_position_embeddings = 128\ntie_word_embeddings = true\n'
                     f'plt_num_loops = 2\n'
-                    f'plt_window_size = [8, 0]\n[train]\n' + "".join(
+                    f'plt_window_size = [8, 0]\nplt_loop_mode = "parallel"\nplt_normalize_per_loop = true\n'
+                    f'plt_gate_use_hidden_states = false\n[train]\n' + "".join(
                         f"{k} = {json.dumps(v)}\n" for k, v in tiny(corpus_dir).to_dict()["train"].items())
                     + '[distributed]\nstrategy = "ddp"\n')
     assert load_recipe(toml) == tiny(corpus_dir)

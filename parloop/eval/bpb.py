@@ -74,7 +74,7 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], context: int
     jobs.sort(key=lambda job: len(job[1]))
     for batch in tqdm(batches(jobs, batch_size), desc=desc, disable=desc is None, leave=False):
         ids, mask = left_pad([job[1] for job in batch], pad_id(tokenizer), device)
-        logits = model(ids, attention_mask=mask).logits[:, :-1].float()
+        logits = model(ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         # flattened: cross-entropy over a [B, V, T] view is twice as slow on CPU
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                               reduction="none").view(ids.shape[0], -1)  # [B, T-1]

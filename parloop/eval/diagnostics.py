@@ -169,7 +169,7 @@ def loop_diagnostics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
         for ids, mask in tqdm(batches, desc=desc, disable=desc is None, leave=False):
             valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
             probe.start_batch(valid)
-            states = model(ids, attention_mask=mask, output_loop_states=True).loop_states
+            states = model(ids, attention_mask=mask, use_cache=False, output_loop_states=True).loop_states
             n = int(valid.sum())
             tokens += n
             scored = valid[:, :-1] & valid[:, 1:]

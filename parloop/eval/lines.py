@@ -74,7 +74,7 @@ def line_completion(model: Any, tokenizer: Any, texts: Sequence[str], max_lines:
     for batch in tqdm(batches(windows, batch_size), desc=desc, disable=desc is None, leave=False):
         ids, mask = left_pad([w[0] for w in batch], pad_id(tokenizer), device)
         keep = max(n for _, n in batch) + 1
-        predicted = model(ids, attention_mask=mask, logits_to_keep=keep).logits.argmax(-1)[:, :-1]
+        predicted = model(ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits.argmax(-1)[:, :-1]
         for row, (_, n) in enumerate(batch):
             exact += bool((predicted[row, -n:] == ids[row, -n:]).all())
     return {"exact_match": exact / len(windows), "lines": len(windows), "correct": exact}

@@ -54,6 +54,7 @@ class TrainRecipe:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    gradient_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; auto = bfloat16 on capable GPUs
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0

@@ -90,6 +90,8 @@ class Trainer:
         self.token_bytes = torch.from_numpy(corpus.token_bytes()).to(self.device)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.raw_model = PLTForCausalLM(self.config).to(self.device)
+        if t.gradient_checkpointing:
+            self.raw_model.gradient_checkpointing_enable()
         self.parameters = sum(p.numel() for p in self.raw_model.parameters())
         self.model = parallelize(self.raw_model, world, recipe.distributed.strategy)
         self.optimizer, self.scheduler = build_optimizer(self.model, t)
@@ -109,7 +111,7 @@ class Trainer:
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         with torch.autocast(**self.autocast):
-            logits = self.model(input_ids=inputs).logits
+            logits = self.model(input_ids=inputs, use_cache=False).logits
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                reduction=reduction)
 

@@ -18,7 +18,7 @@ lives in the `Step`, which the model passes back on every read and write. Which 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -43,6 +43,9 @@ class Step:
     ring_entries: torch.Tensor | None  # ring entries the last W+1 new tokens are written to (G-SWA loops only)
     span: int  # full-cache slots attended to (all capacity for a static cache)
     static: bool  # shapes are fixed across calls (a static cache): the step may run compiled
+    # full-cache keys/values written in this call that carry gradients, by (layer, loop): later loops of the same
+    # call read these, so that gradients reach them (a cache's buffers hold constants)
+    fresh: dict[tuple[int, int], KV] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,11 +94,10 @@ def _positions(valid_new: torch.Tensor, real_before: torch.Tensor) -> torch.Tens
 
 
 class ForwardKV:
-    """The `KVStore` of a single cache-less forward pass (training, scoring)."""
+    """The `KVStore` of a single cache-less forward pass (training, scoring): keys live in the call's `Step`."""
 
     def __init__(self, config: PLTConfig) -> None:
         self.config = config
-        self._full: dict[tuple[int, int], KV] = {}
         self._zeros: torch.Tensor | None = None
 
     def begin(self, attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,
@@ -112,11 +114,11 @@ class ForwardKV:
                     slots=slots, ring_entries=None, span=length, static=False)
 
     def append(self, step: Step, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        self._full[layer, loop] = (k, v)
+        step.fresh[layer, loop] = (k, v)
         return k, v
 
     def read(self, step: Step, layer: int, loop: int) -> KV:
-        return self._full[layer, loop]
+        return step.fresh[layer, loop]
 
     def window(self, step: Step, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:
         return k, v
@@ -232,9 +234,12 @@ class PLTCache(Cache):
             end = step.start + k.shape[2]
             keys = torch.cat([keys[:, :, :step.start], k, keys[:, :, end:]], dim=2)
             values = torch.cat([values[:, :, :step.start], v, values[:, :, end:]], dim=2)
+            step.fresh[layer, loop] = (keys, values)
         return keys, values
 
     def read(self, step: Step, layer: int, loop: int) -> KV:
+        if (layer, loop) in step.fresh:
+            return step.fresh[layer, loop]
         return self.keys[layer, loop, :, :, :step.span], self.values[layer, loop, :, :, :step.span]
 
     def window(self, step: Step, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:

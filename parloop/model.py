@@ -245,6 +245,18 @@ class PLTPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
 
+    def _check_and_adjust_attn_implementation(self, attn_implementation: str | None, is_init_check: bool = False,
+                                              allow_all_kernels: bool = False) -> str:
+        # G-SWA needs its own kernel calls (parloop/attention.py, through torch SDPA); a backend named here would be
+        # ignored, so a request for one is refused rather than silently not honoured.
+        if attn_implementation not in (None, "sdpa"):
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not supported: parloop's attention always runs "
+                "through torch's scaled_dot_product_attention ('sdpa'), whose results equal the eager "
+                "softmax(q k^T) v. Leave attn_implementation unset (or 'sdpa'); for attention maps use "
+                "PLTModel.set_attention_probe.")
+        return "sdpa"
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, PLTRotaryEmbedding):  # non-persistent buffers: rebuilt after a meta-device load

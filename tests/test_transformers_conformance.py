@@ -305,3 +305,19 @@ def test_one_loop_checkpoint_without_gate_loads_and_other_gaps_still_fail(tmp_pa
 
 def test_tiny_config_helper_is_what_the_checks_assume() -> None:
     assert tiny_config().plt_window_size == [2, 0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_beam_search_scores_equal_the_full_forward(mode: str) -> None:
+    """Beam search reorders cache rows (carries and rings included): each returned beam's score must be the sum of
+    its tokens' log-probabilities under a plain forward pass of the whole sequence."""
+    model = ModelTester(mode, 2).model()
+    ids = torch.randint(1, 61, (1, 6))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, num_beams=3,
+                         num_return_sequences=3, do_sample=False, length_penalty=0.0, early_stopping=True,
+                         pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        logprobs = model(out.sequences, use_cache=False).logits.log_softmax(-1)
+    new = out.sequences[:, 6:]
+    direct = logprobs[:, 5:-1].gather(-1, new[..., None])[..., 0].sum(-1)
+    assert torch.allclose(direct, out.sequences_scores, atol=1e-4)

@@ -26,7 +26,8 @@ def build_plt(config: PLTConfig, base_state: dict[str, torch.Tensor] | None, see
     torch.manual_seed(seed + 1000 * config.plt_num_loops)
     model = PLTForCausalLM(config)
     if base_state is not None:
-        missing, unexpected = model.load_state_dict(base_state, strict=False)
+        shared = {k: v for k, v in base_state.items() if ".plt_gate." not in k}  # R = 1 carries an unused gate
+        missing, unexpected = model.load_state_dict(shared, strict=False)
         not_gates = [k for k in missing if ".plt_gate." not in k]
         if unexpected or not_gates:
             raise RuntimeError(f"R = 1 weights do not fit the {config.plt_loop_mode} R = {config.plt_num_loops} "
@@ -37,5 +38,5 @@ def build_plt(config: PLTConfig, base_state: dict[str, torch.Tensor] | None, see
 def build_reference(config: PLTConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     """`transformers`' `LlamaForCausalLM` with the weights of an R = 1 PLT model (the names are the same)."""
     llama = LlamaForCausalLM(LlamaConfig(**{k: getattr(config, k) for k in _LLAMA_FIELDS}, attn_implementation="sdpa"))
-    llama.load_state_dict(state, strict=True)
+    llama.load_state_dict({k: v for k, v in state.items() if ".plt_gate." not in k}, strict=True)
     return llama.eval()

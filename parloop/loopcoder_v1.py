@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ class LoopCoderV1Config(PLTConfig):
     rms_norm_eps: float = 1e-5
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
 
     loop_num: int = 2
     loop_window_size: int = 64
@@ -72,7 +73,8 @@ class LoopCoderV1Config(PLTConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         self.check_loops()
         derived = self.derived_plt_fields()
-        defaults = {f.name: f.default for f in fields(PLTConfig) if f.name in derived}
+        defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                    for f in fields(PLTConfig) if f.name in derived}
         for name, value in derived.items():
             given = getattr(self, name)
             if given not in (defaults[name], value):

@@ -140,8 +140,8 @@ def test_cached_decoding_and_generate_equal_the_full_forward(tmp_path: Path) -> 
     with torch.no_grad():
         full = model(ids).logits
         cache = PLTCache(model.config, max_length=4)  # grows while decoding
-        steps = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]
-        steps += [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(4, ids.shape[1])]
+        chunks = [(0, 4), (4, 7)] + [(t, t + 1) for t in range(7, ids.shape[1])]  # prefill in two chunks, then decode
+        steps = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in chunks]
         generated = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False)[0, 5:].tolist()
     assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
     ref, greedy = NaiveV1(weights, 2, 3), []

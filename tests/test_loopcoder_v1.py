@@ -25,8 +25,8 @@ D, HEADS, KV, HD, FF, VOCAB, LAYERS, THETA = 32, 4, 2, 8, 48, 61, 2, 10000.0
 TEXT = [5, 9, 13, 2, 40, 7, 22, 31, 3, 17, 11]
 
 
-def write_v1_checkpoint(directory: Path, loop_num: int = 2, window: int = 3, shards: int = 1,
-                        vocab: int = VOCAB) -> dict[str, torch.Tensor]:
+def write_v1_checkpoint(directory: Path, loop_num: int = 2, window: int = 3,
+                        shards: int = 1) -> dict[str, torch.Tensor]:
     """A checkpoint laid out as the released IQuest-Coder-V1 Loop repositories are, by hand: the released
     config.json's keys (with its `auto_map` to remote code that is not there) and the released weight names."""
     config = {
@@ -38,11 +38,11 @@ def write_v1_checkpoint(directory: Path, loop_num: int = 2, window: int = 3, sha
         "loop_num": loop_num, "loop_window_size": window, "max_position_embeddings": 131072, "mlp_bias": False,
         "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "num_key_value_heads": KV, "rms_norm_eps": 1e-05,
         "rope_theta": THETA, "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True,
-        "vocab_size": vocab,
+        "vocab_size": VOCAB,
     }
     (directory / "config.json").write_text(json.dumps(config))
     rand = random_tensors(11)
-    weights = llama_weights(rand, vocab, D, HEADS, KV, HD, FF, LAYERS)
+    weights = llama_weights(rand, VOCAB, D, HEADS, KV, HD, FF, LAYERS)
     for i in range(LAYERS):  # the released code builds a gate for every layer whatever loop_num is
         weights.update({f"model.gate_projections.{i}.weight": 2 * rand(HEADS, HD),
                         f"model.gate_projections.{i}.bias": rand(HEADS)})

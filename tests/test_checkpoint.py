@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_files import llama_weights, random_tensors, save_weights
 from conftest import tiny_config, tiny_model
 from plt_reference import reference_logits
 from safetensors.torch import load_file, save_file
@@ -57,38 +58,14 @@ def loopcoder_layout(tmp_path: Path, hidden_gate: bool, shards: int) -> dict[str
         "plt_emb_scale": None, "plt_hidden_scale": None, "plt_gate_use_hidden_states": hidden_gate,
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    g = torch.Generator().manual_seed(7)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) / (shape[-1] ** 0.5 if len(shape) > 1 else 1.0)
-
-    weights = {"model.embed_tokens.weight": rand(vocab, d) * 8, "model.norm.weight": 1 + 0.1 * rand(d),
-               "lm_head.weight": rand(vocab, d)}
+    rand = random_tensors(7)
+    weights = llama_weights(rand, vocab, d, heads, kv, hd, ff, layers)
     for i in range(layers):
-        p = f"model.layers.{i}."
-        weights.update({
-            p + "input_layernorm.weight": 1 + 0.1 * rand(d), p + "post_attention_layernorm.weight": 1 + 0.1 * rand(d),
-            p + "self_attn.q_proj.weight": rand(heads * hd, d), p + "self_attn.k_proj.weight": rand(kv * hd, d),
-            p + "self_attn.v_proj.weight": rand(kv * hd, d), p + "self_attn.o_proj.weight": rand(d, heads * hd),
-            p + "self_attn.plt_gate.weight": rand(heads, d if hidden_gate else hd),
-            p + "self_attn.plt_gate.bias": rand(heads),
-            p + "mlp.gate_proj.weight": rand(ff, d), p + "mlp.up_proj.weight": rand(ff, d),
-            p + "mlp.down_proj.weight": rand(d, ff),
-        })
+        p = f"model.layers.{i}.self_attn.plt_gate."
+        weights.update({p + "weight": rand(heads, d if hidden_gate else hd), p + "bias": rand(heads)})
         if hidden_gate:
-            weights[p + "self_attn.plt_gate.gate_norm.weight"] = 1 + 0.1 * rand(d)
-    names = sorted(weights)
-    if shards == 1:
-        save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for s in range(shards):
-            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-            part = {n: weights[n] for n in names[s::shards]}
-            save_file(part, tmp_path / fname, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(part, fname))
-        index = {"metadata": {"total_size": sum(t.numel() * 4 for t in weights.values())}, "weight_map": weight_map}
-        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+            weights[p + "gate_norm.weight"] = 1 + 0.1 * rand(d)
+    save_weights(tmp_path, weights, shards)
     return weights
 
 

@@ -92,7 +92,7 @@ def test_looped_model_diagnostics_are_read_from_the_model() -> None:
     d = loop_diagnostics(model, [(ids, mask)])
     assert d.tokens == 20
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, output_loop_states=True)
+        out = model(ids, attention_mask=mask, output_loop_states=True, use_cache=False)  # the diagnostics pass
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, 4] = -100  # the first real token has no real token before it to be predicted from
     # the last loop read through the final norm and head is the model itself

@@ -358,11 +358,21 @@ def generate(n: int, seed: int, held_out: bool, timeout: float = 5.0,
             # the few that fail or print something unsuitable are replaced in the next round; rounds are capped
             # so that the progress bar moves
             batch = [next(stream) for _ in range(min(256, max(8, int((n - len(programs)) * 1.2))))]
-            for source, result in zip(batch, run_many(batch, timeout), strict=True):
+            for source, result in zip(batch, _run_patiently(batch, timeout), strict=True):
                 if result.ok and _acceptable(result.stdout) and len(programs) < n:
                     programs.append(Program(source, result.stdout))
                     bar.update(1)
     return programs
+
+
+def _run_patiently(sources: list[str], timeout: float) -> list[ExecResult]:
+    """`run_many`, with the runs that hit the wall-clock limit run again with a 4x longer one: on a busy machine a
+    correct program can miss it, and the program sets must not depend on the machine's load."""
+    results = run_many(sources, timeout)
+    late = [i for i, r in enumerate(results) if r.timed_out]
+    for i, result in zip(late, run_many([sources[i] for i in late], 4 * timeout, workers=1), strict=True):
+        results[i] = result
+    return results
 
 
 def held_out_set(n: int = 500, desc: str | None = None) -> list[Program]:

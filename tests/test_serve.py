@@ -233,7 +233,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny-chat", "prompt": "hi", "max_tokens": 5000}, 400, "max-model-len"),
     ("/v1/completions", {"model": "tiny-chat", "prompt": [5, 100000]}, 400, "token ids"),
     ("/v1/completions", {"model": "tiny-chat", "prompt": {"text": "hi"}}, 400, "prompt: must be a string"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny-chat", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "'gpt-4' does not exist"),
     ("/v1/chat/completions", {"model": "tiny-chat", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny-chat", "messages": "hi"}, 400, "messages"),

@@ -299,21 +299,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_server(model_dir: Path, max_batch_size: int) -> tuple[subprocess.Popen, str]:
-    """`parloop serve` in its own process (its own interpreter lock, as in real use)."""
+def spawn_server(model_dir: Path, max_batch_size: int, *extra: str, env: dict[str, str] | None = None,
+                 log_path: Path | None = None, headers: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`parloop serve` in its own process (its own interpreter lock, as in real use); its log goes to `log_path`
+    when given (a pipe nobody reads would fill up and block the server)."""
     port = free_port()
     code = ("import argparse, sys; from parloop.inference import server; "
             "p = argparse.ArgumentParser(); server.add_arguments(p); sys.exit(server.run(p.parse_args(sys.argv[1:])))")
+    stderr = subprocess.PIPE if log_path is None else log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-c", code, "--model", str(model_dir), "--port", str(port),
-                             "--max-batch-size", str(max_batch_size), "--log-level", "warning"],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+                             "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stderr=stderr,
+                            stdout=None if log_path is None else stderr, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None, f"parloop serve exited: {proc.stderr.read()}"
+        if proc.poll() is not None:
+            raise AssertionError("parloop serve exited: "
+                                 f"{proc.stderr.read() if log_path is None else log_path.read_text()}")
         assert time.monotonic() < deadline, "parloop serve did not come up in 120 s"
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1, headers=headers).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.2)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -30,7 +31,8 @@ from transformers import PreTrainedTokenizerFast
 import parloop  # noqa: F401  (registers the model type with the Auto classes)
 from parloop.inference import generate, loading
 from parloop.inference.engine import Engine
-from parloop.inference.server import create_app
+from parloop.inference.guard import AccessPolicy
+from parloop.inference.server import create_app, uvicorn_config
 from parloop.inference.text import TextStream
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
@@ -106,12 +108,12 @@ def ref(model_dirs: dict[str, Path]) -> Reference:
 class ThreadServer:
     """uvicorn in a background thread on a free loopback port."""
 
-    def __init__(self, model_dir: Path, name: str, **limits: int) -> None:
-        model, tokenizer = loading.load_model(model_dir, "cpu")
+    def __init__(self, model_dir: Path, name: str, policy: AccessPolicy | None = None,
+                 tokenizer: Any = None, **limits: int) -> None:
+        model, own_tokenizer = loading.load_model(model_dir, "cpu")
         self.engine = Engine(model, **limits)
-        config = uvicorn.Config(create_app(self.engine, tokenizer, name), host="127.0.0.1", port=0,
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
+        app = create_app(self.engine, tokenizer or own_tokenizer, name, policy)
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -120,7 +122,8 @@ class ThreadServer:
             time.sleep(0.02)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        key = "unused" if policy is None or policy.api_key is None else policy.api_key
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
 
     def close(self) -> None:
         self.server.should_exit = True

@@ -238,14 +238,16 @@ class Engine:
         self.prompt_tokens_total += sum(len(seq.prompt_ids) for seq in seqs)
         argmax = logits.argmax(-1).tolist()
         for i, seq in enumerate(seqs):
-            if hidden is not None and not self._guarded(seq, self._score_prompt, seq, hidden[i]):
-                continue
+            if hidden is not None:
+                seq.prompt_logprobs = self._guarded(seq, self._score_prompt, seq, hidden[i])
+                if seq.prompt_logprobs is None:  # scoring failed: the sequence finished with an error
+                    continue
             if seq.max_tokens == 0:  # only the prompt's log-probabilities were asked for
                 self._finish(seq, "length")
             elif not self._advance(seq, logits[i], argmax[i]):
                 self.runner.insert(self.scheduler.place(seq), prefilled, i)
 
-    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> None:
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability given the tokens before it (`hidden`: the row's final hidden states,
         the prompt at its end)."""
         ids = torch.tensor(seq.prompt_ids)
@@ -254,7 +256,7 @@ class Engine:
         for start in range(0, len(states), _SCORE_CHUNK):
             chunk = self.runner.logits(states[start:start + _SCORE_CHUNK])
             scored += token_logprobs(chunk, ids[start + 1:start + 1 + _SCORE_CHUNK], seq.params.prompt_logprobs)
-        seq.prompt_logprobs = scored
+        return scored
 
     def _decode(self) -> None:
         running = self.scheduler.running()

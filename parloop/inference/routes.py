@@ -90,7 +90,10 @@ class Server:
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
 
     def _token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        """A token's text; a token that is part of a character (byte-level vocabularies) gets its vocabulary
+        entry instead, so that distinct alternatives never share a name in `top_logprobs`."""
+        text = self.tokenizer.decode([token])
+        return self.tokenizer.convert_ids_to_tokens(token) if "\ufffd" in text else text
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:

@@ -56,14 +56,17 @@ class StopMatcher:
         """Feed the text's next piece; return where the first completed stop string starts in the whole text, or
         None."""
         for offset, char in enumerate(text):
+            longest = 0  # of the stop strings completed by this character, the one that started first
             for j, stop in enumerate(self.stop):
                 k, fallback = self._matched[j], self._fallback[j]
                 while k and stop[k] != char:
                     k = fallback[k - 1]
                 k += stop[k] == char
                 if k == len(stop):
-                    return self._fed + offset + 1 - k
+                    longest = max(longest, k)
                 self._matched[j] = k
+            if longest:
+                return self._fed + offset + 1 - longest
         self._fed += len(text)
         return None
 

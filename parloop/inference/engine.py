@@ -27,7 +27,14 @@ import torch
 
 from parloop.cache import PLTCache
 from parloop.inference.runner import ModelRunner
-from parloop.inference.sampling import SamplingParams, TokenLogprob, make_generator, pick, token_logprobs
+from parloop.inference.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    greedy_tokens,
+    make_generator,
+    pick,
+    token_logprobs,
+)
 from parloop.inference.scheduler import LimitError, Limits, QueueFull, Scheduler
 from parloop.model import PLTForCausalLM
 
@@ -236,7 +243,7 @@ class Engine:
                 self._finish(seq, "error")
             return
         self.prompt_tokens_total += sum(len(seq.prompt_ids) for seq in seqs)
-        argmax = logits.argmax(-1).tolist()
+        argmax = greedy_tokens(logits)
         for i, seq in enumerate(seqs):
             if hidden is not None:
                 seq.prompt_logprobs = self._guarded(seq, self._score_prompt, seq, hidden[i])
@@ -261,7 +268,7 @@ class Engine:
     def _decode(self) -> None:
         running = self.scheduler.running()
         logits = self.runner.decode([None if seq is None else seq.output_ids[-1] for seq in self.scheduler.rows])
-        argmax = logits.argmax(-1).tolist()
+        argmax = greedy_tokens(logits)
         for row, seq in running:
             if self._advance(seq, logits[row], argmax[row]):
                 self._free(row)

@@ -144,7 +144,7 @@ def pick(logits: torch.Tensor, seq: Sampled, argmax: int | None = None) -> int:
     computed for the whole batch (the greedy pick when nothing reshapes the logits)."""
     params = seq.params
     if params.greedy and not params.reshapes_logits:
-        return int(logits.argmax()) if argmax is None else argmax
+        return greedy_tokens(logits[None])[0] if argmax is None else argmax
     clean = sanitize(logits)
     if params.reshapes_logits:
         clean = reshape_logits(clean, params, seq.output_ids)
@@ -154,8 +154,13 @@ def pick(logits: torch.Tensor, seq: Sampled, argmax: int | None = None) -> int:
 def sample(logits: torch.Tensor, seqs: Sequence[Sampled]) -> list[int]:
     """Next token per row of `logits` `[B, V]` (see `pick`); a seeded sequence draws the same tokens whatever else
     is in the batch."""
-    argmax = logits.argmax(-1).tolist()
+    argmax = greedy_tokens(logits)
     return [pick(logits[i], seq, argmax[i]) for i, seq in enumerate(seqs)]
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The most likely token of each row of `logits` `[B, V]`, NaN never among them."""
+    return sanitize(logits).argmax(-1).tolist()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:

@@ -29,14 +29,6 @@ from parloop.inference.text import StopMatcher, tokens_per_second
 PROMPT = "The quick brown"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_model(root: Path, name: str, **overrides: Any) -> Path:
     tokenizer = build_tokenizer(CHAT_TEMPLATE)
     model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=512, **overrides)

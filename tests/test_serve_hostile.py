@@ -274,11 +274,13 @@ def test_api_key_is_required_on_v1(served: Served, authorization: str | None) ->
     assert httpx.get(f"{served.url}/health").status_code == 200  # probes need no key
 
 
-def test_help_warns_about_public_addresses() -> None:
-    parser = argparse.ArgumentParser()
+def test_help_warns_about_public_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLOOP_API_KEY", KEY)
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     server.add_arguments(parser)
     text = " ".join(parser.format_help().split())
     assert "--api-key" in text and "PARLOOP_API_KEY" in text and "lets anyone who can reach this machine" in text
+    assert KEY not in text  # the key never shows
 
 
 # -- row 9: 50 half-sent requests --------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--host", default="127.0.0.1",
                      help="address to listen on (default: loopback, this machine only). WARNING: " + PUBLIC_WARNING)
     net.add_argument("--port", type=int, default=8000, help="port to listen on")
-    net.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                     help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV}; unset: "
-                          "no key)")
+    # the environment variable is read in `run`, not here, so that --help never shows the key
+    net.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on every /v1 route; unset: "
+                                       f"${API_KEY_ENV}, else no key")
     net.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
                      help="Host header names served, against DNS rebinding ('*': any); default: the loopback names "
                           "when bound to loopback, else any")
@@ -109,6 +109,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     _check_options(args)
     torch.set_num_threads(args.threads or default_threads())
     model, tokenizer = load_model(args.model, args.device, args.dtype)

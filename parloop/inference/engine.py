@@ -10,8 +10,9 @@ and cache: prefill, decode, row surgery) and `sample`. One scheduler step (`Engi
 Tokens reach each sequence's consumer through its `Listener`, on the engine thread.
 
 Nothing one sequence brings can fail another: its token is picked, scored and handed to its listener under its own
-`try`, so a failure there finishes that sequence alone with "error". Only a failed forward call fails a whole step;
-then every sequence in it (running, waiting, or admitted and not yet placed in a row) finishes with "error".
+`try`, so a failure there finishes that sequence alone with "error". A failed prefill fails the sequences it was
+prefilling (they have a cache of their own); only a failed decode call or cache update fails a whole step, and then
+every sequence in it (running, waiting, or admitted and not yet placed in a row) finishes with "error".
 """
 
 from __future__ import annotations

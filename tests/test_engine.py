@@ -10,8 +10,9 @@ import torch
 from conftest import tiny_model
 
 from parloop import PLTCache
-from parloop.inference.engine import Engine, LimitError, SamplingParams, Sequence
-from parloop.inference.sampling import sample
+from parloop.inference import engine as engine_module
+from parloop.inference.engine import Engine, LimitError, QueueFull, SamplingParams, Sequence
+from parloop.inference.sampling import make_generator, sample
 
 
 @pytest.fixture(autouse=True)
@@ -281,3 +282,75 @@ def test_a_failed_step_fails_its_sequences_and_the_engine_goes_on(monkeypatch: p
     assert len(events["a"]) == 3  # prefill and one decode step gave tokens, the third call failed
     assert after.finish_reason == "length" and after.output_ids == greedy_alone(model, [4, 5], 4)
     assert engine.finished_total["error"] == 1
+
+
+def test_a_failing_pick_fails_only_its_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model()
+    engine = Engine(model, max_batch_size=4)
+    bad_params = SamplingParams(max_tokens=6, temperature=0.5, seed=1)
+    real_pick = engine_module.pick
+
+    def pick(logits: torch.Tensor, seq: Sequence, argmax: int | None = None) -> int:
+        if seq.params is bad_params and len(seq.output_ids) == 2:
+            raise RuntimeError("bad sampling")
+        return real_pick(logits, seq, argmax)
+
+    monkeypatch.setattr(engine_module, "pick", pick)
+    events: list[tuple[int | None, str | None]] = []
+    good = [engine.submit([1, 2, 3], GREEDY, ignore), engine.submit([4, 5], GREEDY, ignore)]
+    bad = engine.submit([6, 7], bad_params, lambda token, reason: events.append((token, reason)))
+    engine.run_until_done()
+    assert bad.finish_reason == "error" and events[-1] == (None, "error") and len(bad.output_ids) == 2
+    for seq in good:
+        assert seq.finish_reason == "length" and seq.output_ids == greedy_alone(model, seq.prompt_ids, 8)
+
+
+def test_a_failed_prefill_fails_only_the_sequences_in_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model()
+    engine = Engine(model, max_batch_size=4)
+    running = engine.submit([1, 2, 3], GREEDY, ignore)
+    engine.step()
+    prefill = engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda *args: (_ for _ in ()).throw(RuntimeError("prefill")))
+    joined = [engine.submit([4, 5], GREEDY, ignore), engine.submit([6], GREEDY, ignore)]
+    engine.step()
+    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    engine.run_until_done()
+    assert [seq.finish_reason for seq in joined] == ["error", "error"]  # finished, not left hanging
+    assert running.output_ids == greedy_alone(model, [1, 2, 3], 8)
+
+
+def test_sampling_is_safe_for_any_accepted_parameters() -> None:
+    logits = torch.tensor([[1.0, float("nan"), 3.0, float("inf"), -float("inf")], [2.0, 1.0, 0.0, -1.0, 50.0]])
+    for temperature in (1e-40, 1e-6, 1e-5, 0.3, 2.0):
+        params = SamplingParams(temperature=temperature, top_p=0.5, top_k=2, seed=0, presence_penalty=-2,
+                                frequency_penalty=2, logit_bias={0: 100.0})
+        seqs = [Sequence([1], params, 4, ignore, output_ids=[0, 0], generator=make_generator(params, "cpu"))
+                for _ in range(2)]
+        tokens = sample(logits, seqs)
+        assert all(0 <= t < 5 for t in tokens)
+    greedy = [Sequence([1], SamplingParams(temperature=1e-40), 4, ignore) for _ in range(2)]
+    assert sample(logits, greedy) == logits.nan_to_num(-1e30).argmax(-1).tolist()
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=float("nan"))
+
+
+def test_queue_bound_and_prompt_only_sequences() -> None:
+    model = tiny_model()
+    engine = Engine(model, max_batch_size=1, max_queued_sequences=3)
+    engine.submit_all([([1, 2], GREEDY, ignore)] * 3)
+    with pytest.raises(QueueFull):
+        engine.submit([3], GREEDY, ignore)
+    with pytest.raises(LimitError, match="max-queued-sequences"):
+        engine.submit_all([([1], GREEDY, ignore)] * 4)
+    assert engine.queue_length == 3  # all or none: nothing of the refused requests was queued
+    engine.run_until_done()
+    scored = engine.submit([5, 9, 2, 33], SamplingParams(max_tokens=0, prompt_logprobs=2), ignore)
+    engine.run_until_done()
+    assert scored.finish_reason == "length" and scored.output_ids == []
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([[5, 9, 2, 33]])).logits[0].float(), -1)
+    assert scored.prompt_logprobs[0] is None
+    for j, entry in enumerate(scored.prompt_logprobs[1:], start=1):
+        assert entry.logprob == pytest.approx(float(logprobs[j - 1, scored.prompt_ids[j]]), abs=1e-5)
+        assert len(entry.top) == 2 and entry.top[0][1] == pytest.approx(float(logprobs[j - 1].max()), abs=1e-5)

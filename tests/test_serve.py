@@ -16,7 +16,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -30,7 +32,8 @@ from transformers import PreTrainedTokenizerFast
 import parloop  # noqa: F401  (registers the model type with the Auto classes)
 from parloop.inference import generate, loading
 from parloop.inference.engine import Engine
-from parloop.inference.server import create_app
+from parloop.inference.guard import AccessPolicy
+from parloop.inference.server import create_app, uvicorn_config
 from parloop.inference.text import TextStream
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
@@ -106,12 +109,12 @@ def ref(model_dirs: dict[str, Path]) -> Reference:
 class ThreadServer:
     """uvicorn in a background thread on a free loopback port."""
 
-    def __init__(self, model_dir: Path, name: str, **limits: int) -> None:
-        model, tokenizer = loading.load_model(model_dir, "cpu")
+    def __init__(self, model_dir: Path, name: str, policy: AccessPolicy | None = None,
+                 tokenizer: Any = None, **limits: int) -> None:
+        model, own_tokenizer = loading.load_model(model_dir, "cpu")
         self.engine = Engine(model, **limits)
-        config = uvicorn.Config(create_app(self.engine, tokenizer, name), host="127.0.0.1", port=0,
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
+        app = create_app(self.engine, tokenizer or own_tokenizer, name, policy)
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -120,7 +123,8 @@ class ThreadServer:
             time.sleep(0.02)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        key = "unused" if policy is None or policy.api_key is None else policy.api_key
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -233,7 +237,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny-chat", "prompt": "hi", "max_tokens": 5000}, 400, "max-model-len"),
     ("/v1/completions", {"model": "tiny-chat", "prompt": [5, 100000]}, 400, "token ids"),
     ("/v1/completions", {"model": "tiny-chat", "prompt": {"text": "hi"}}, 400, "prompt: must be a string"),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny-chat", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "'gpt-4' does not exist"),
     ("/v1/chat/completions", {"model": "tiny-chat", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny-chat", "messages": "hi"}, 400, "messages"),
@@ -299,21 +303,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_server(model_dir: Path, max_batch_size: int) -> tuple[subprocess.Popen, str]:
-    """`parloop serve` in its own process (its own interpreter lock, as in real use)."""
+def spawn_server(model_dir: Path, max_batch_size: int, *extra: str, env: dict[str, str] | None = None,
+                 log_path: Path | None = None, headers: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`parloop serve` in its own process (its own interpreter lock, as in real use); its log goes to `log_path`
+    when given (a pipe nobody reads would fill up and block the server)."""
     port = free_port()
     code = ("import argparse, sys; from parloop.inference import server; "
             "p = argparse.ArgumentParser(); server.add_arguments(p); sys.exit(server.run(p.parse_args(sys.argv[1:])))")
+    stderr = subprocess.PIPE if log_path is None else log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-c", code, "--model", str(model_dir), "--port", str(port),
-                             "--max-batch-size", str(max_batch_size), "--log-level", "warning"],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+                             "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stderr=stderr,
+                            stdout=None if log_path is None else stderr, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None, f"parloop serve exited: {proc.stderr.read()}"
+        if proc.poll() is not None:
+            raise AssertionError("parloop serve exited: "
+                                 f"{proc.stderr.read() if log_path is None else log_path.read_text()}")
         assert time.monotonic() < deadline, "parloop serve did not come up in 120 s"
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1, headers=headers).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.2)
@@ -350,8 +360,9 @@ def test_load_32_streaming_clients_batched_and_unbatched(model_dirs: dict[str, P
     clients, max_tokens = 32, 16
     prompts = [f"{SENTENCES[i % len(SENTENCES)][:10 + i]}" for i in range(clients)]
     outputs = {}
-    for max_batch in (32, 1):
-        proc, url = spawn_server(model_dirs["tiny"], max_batch)
+    with ThreadPoolExecutor(2) as pool:  # both start together: an idle server takes no time from the other's run
+        servers = dict(zip((32, 1), pool.map(lambda b: spawn_server(model_dirs["tiny"], b), (32, 1)), strict=True))
+    for max_batch, (proc, url) in servers.items():
         try:
             texts, ttfts, wall = asyncio.run(stream_clients(url, prompts, max_tokens))
         finally:

@@ -8,6 +8,11 @@ and cache: prefill, decode, row surgery) and `sample`. One scheduler step (`Engi
 3. runs one decode step for all rows and samples the next token of every running sequence;
 4. frees finished rows at once, drops trailing free rows and compacts the cache's slot axis.
 Tokens reach each sequence's consumer through its `Listener`, on the engine thread.
+
+Nothing one sequence brings can fail another: its token is picked, scored and handed to its listener under its own
+`try`, so a failure there finishes that sequence alone with "error". A failed prefill fails the sequences it was
+prefilling (they have a cache of their own); only a failed decode call or cache update fails a whole step, and then
+every sequence in it (running, waiting, or admitted and not yet placed in a row) finishes with "error".
 """
 
 from __future__ import annotations
@@ -23,11 +28,18 @@ import torch
 
 from parloop.cache import PLTCache
 from parloop.inference.runner import ModelRunner
-from parloop.inference.sampling import SamplingParams, make_generator, sample
-from parloop.inference.scheduler import LimitError, Limits, Scheduler
+from parloop.inference.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    greedy_tokens,
+    make_generator,
+    pick,
+    token_logprobs,
+)
+from parloop.inference.scheduler import LimitError, Limits, QueueFull, Scheduler
 from parloop.model import PLTForCausalLM
 
-__all__ = ["FINISH_REASONS", "Engine", "LimitError", "Listener", "SamplingParams", "Sequence"]
+__all__ = ["FINISH_REASONS", "Engine", "LimitError", "Listener", "QueueFull", "SamplingParams", "Sequence"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +47,12 @@ log = logging.getLogger(__name__)
 # consumer, or an engine failure.
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
-# (token id or None, finish reason or None); called on the engine thread, so it must be quick and not block
+# (token id or None, finish reason or None); called on the engine thread, so it must be quick and not block.
+# A token's log-probability, when asked for, is in the sequence's `output_logprobs` before its listener hears of it.
 Listener = Callable[[int | None, str | None], None]
+
+# prompt positions scored at once for echo: bounds the [positions, vocab] logits held in memory
+_SCORE_CHUNK = 256
 
 
 @dataclass(eq=False)
@@ -54,6 +70,9 @@ class Sequence:
     finished_at: float | None = None
     cancelled: str | None = None  # set by `Engine.cancel`: the finish reason to record
     generator: torch.Generator | None = None
+    last_token_at: float | None = None
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when params.prompt_logprobs is set; first is None
 
     @property
     def reserved_tokens(self) -> int:
@@ -69,9 +88,9 @@ class Engine:
 
     def __init__(self, model: PLTForCausalLM, *, max_batch_size: int = 16, max_cached_tokens: int | None = None,
                  max_prompt_tokens: int | None = None, max_model_len: int | None = None,
-                 eos_token_ids: set[int] | None = None) -> None:
+                 max_queued_sequences: int | None = None, eos_token_ids: set[int] | None = None) -> None:
         self.limits = Limits.resolve(model.config.max_position_embeddings, max_batch_size, max_cached_tokens,
-                                     max_prompt_tokens, max_model_len)
+                                     max_prompt_tokens, max_model_len, max_queued_sequences)
         self.scheduler: Scheduler[Sequence] = Scheduler(self.limits)
         self.runner = ModelRunner(model)
         if eos_token_ids is None:
@@ -81,6 +100,7 @@ class Engine:
         self._wake = threading.Condition()  # guards the waiting queue and wakes the engine thread
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._admitted: list[Sequence] = []  # admitted by the current step and not yet in a row
 
         # statistics, written by the engine thread only
         self.prompt_tokens_total = 0
@@ -103,14 +123,18 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, listener: Listener) -> Sequence:
         """Queue a sequence; `listener(token, finish_reason)` receives each token as it is sampled (the last one
-        with its finish reason). Raises `LimitError` if it can never run."""
-        max_tokens = self.check(len(prompt_ids), params.max_tokens)
-        seq = Sequence(list(prompt_ids), params, max_tokens, listener,
-                       generator=make_generator(params, self.model.device))
+        with its finish reason). Raises `LimitError` if it can never run, `QueueFull` if the queue is full."""
+        return self.submit_all([(prompt_ids, params, listener)])[0]
+
+    def submit_all(self, requests: list[tuple[list[int], SamplingParams, Listener]]) -> list[Sequence]:
+        """Queue several sequences (see `submit`), all or none."""
+        self.limits.check_count(len(requests))
+        seqs = [Sequence(list(ids), params, self.check(len(ids), params.max_tokens), listener,
+                         generator=make_generator(params, self.model.device)) for ids, params, listener in requests]
         with self._wake:
-            self.scheduler.add(seq)
+            self.scheduler.add(seqs)
             self._wake.notify()
-        return seq
+        return seqs
 
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
         """Stop `seq`: its consumer went away ("cancelled") or saw a stop string ("stop"). Its row is freed at the
@@ -192,7 +216,8 @@ class Engine:
 
     def _fail_all(self) -> int:
         with self._wake:
-            victims = self.scheduler.clear()
+            victims = self.scheduler.clear() + self._admitted
+        self._admitted = []
         for seq in victims:
             self._finish(seq, "error")
         self.runner.reset()
@@ -200,20 +225,75 @@ class Engine:
         return len(victims)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Prefill `seqs` together, sample their first tokens, move the unfinished ones into rows."""
-        logits, prefilled = self.runner.prefill([seq.prompt_ids for seq in seqs])
+        """Prefill `seqs` (those that score their prompt apart), sample their first tokens, move the unfinished
+        ones into rows."""
+        self._admitted = list(seqs)
+        scoring = [seq for seq in seqs if seq.params.prompt_logprobs is not None]
+        for group in (scoring, [seq for seq in seqs if seq.params.prompt_logprobs is None]):
+            if group:
+                self._prefill_group(group, keep_hidden=group is scoring)
+        self._admitted = []
+
+    def _prefill_group(self, seqs: list[Sequence], keep_hidden: bool) -> None:
+        try:
+            logits, prefilled, hidden = self.runner.prefill([seq.prompt_ids for seq in seqs], keep_hidden)
+        except Exception:
+            # the prefill has a cache of its own: a failure here fails the sequences in it, not the running rows
+            log.exception("prefilling %d sequences failed; finishing them with an error", len(seqs))
+            for seq in seqs:
+                self._finish(seq, "error")
+            return
         self.prompt_tokens_total += sum(len(seq.prompt_ids) for seq in seqs)
-        for i, (seq, token) in enumerate(zip(seqs, sample(logits, seqs), strict=True)):
-            if not self._emit(seq, token):
+        argmax = greedy_tokens(logits)
+        for i, seq in enumerate(seqs):
+            if hidden is not None:
+                seq.prompt_logprobs = self._guarded(seq, self._score_prompt, seq, hidden[i])
+                if seq.prompt_logprobs is None:  # scoring failed: the sequence finished with an error
+                    continue
+            if seq.max_tokens == 0:  # only the prompt's log-probabilities were asked for
+                self._finish(seq, "length")
+            elif not self._advance(seq, logits[i], argmax[i]):
                 self.runner.insert(self.scheduler.place(seq), prefilled, i)
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (`hidden`: the row's final hidden states,
+        the prompt at its end)."""
+        ids = torch.tensor(seq.prompt_ids)
+        states = hidden[hidden.shape[0] - len(ids):-1]
+        scored: list[TokenLogprob | None] = [None]
+        for start in range(0, len(states), _SCORE_CHUNK):
+            chunk = self.runner.logits(states[start:start + _SCORE_CHUNK])
+            scored += token_logprobs(chunk, ids[start + 1:start + 1 + _SCORE_CHUNK], seq.params.prompt_logprobs)
+        return scored
 
     def _decode(self) -> None:
         running = self.scheduler.running()
         logits = self.runner.decode([None if seq is None else seq.output_ids[-1] for seq in self.scheduler.rows])
-        rows, seqs = [row for row, _ in running], [seq for _, seq in running]
-        for row, seq, token in zip(rows, seqs, sample(logits[rows], seqs), strict=True):
-            if self._emit(seq, token):
+        argmax = greedy_tokens(logits)
+        for row, seq in running:
+            if self._advance(seq, logits[row], argmax[row]):
                 self._free(row)
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> bool:
+        """Pick, score and emit the sequence's next token from its logits row; return whether it is finished."""
+        token = self._guarded(seq, pick, logits, seq, argmax)
+        if token is None:
+            return True
+        if seq.params.logprobs is not None and not seq.cancelled:
+            scored = self._guarded(seq, token_logprobs, logits[None], torch.tensor([token]), seq.params.logprobs)
+            if scored is None:
+                return True
+            seq.output_logprobs.append(scored[0])
+        return self._emit(seq, token)
+
+    def _guarded(self, seq: Sequence, work: Callable, *args: object) -> object:
+        """`work(*args)` for `seq` alone: if it fails, `seq` finishes with "error" and the result is None."""
+        try:
+            return work(*args)
+        except Exception:
+            log.exception("processing one sequence failed; finishing it with an error")
+            self._finish(seq, "error")
+            return None
 
     def _emit(self, seq: Sequence, token: int) -> bool:
         """Hand `token` to the sequence's listener; return whether the sequence is finished."""
@@ -222,6 +302,7 @@ class Engine:
             return True
         now = time.perf_counter()
         seq.output_ids.append(token)
+        seq.last_token_at = now
         if seq.first_token_at is None:
             seq.first_token_at = now
         self.generated_tokens_total += 1
@@ -240,7 +321,7 @@ class Engine:
             return
         seq.finish_reason, seq.finished_at = reason, time.perf_counter()
         self.finished_total[reason] += 1
-        if reason == "error":
+        if reason in ("error", "length"):  # nobody else tells its consumer ("length": a prompt-only sequence)
             self._notify(seq, None, reason)
 
     def _notify(self, seq: Sequence, token: int | None, reason: str | None) -> None:

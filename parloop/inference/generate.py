@@ -44,6 +44,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    if args.max_tokens < 1:  # the engine takes 0 (score the prompt only), which has no use here
+        raise SystemExit(f"parloop generate: max_tokens must be >= 1, got {args.max_tokens}")
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed)

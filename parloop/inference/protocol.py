@@ -4,16 +4,23 @@ answered as OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from parloop.inference.sampling import TokenLogprob
 from parloop.inference.scheduler import LimitError
 
+# the most alternatives per token a client may ask for (OpenAI's chat limit)
+MAX_LOGPROBS = 20
 
-# -- request bodies (strict: a string is not a number; unknown fields are ignored, as OpenAI does) ----------------
+
+# -- request bodies (strict: a string is not a number; a field this server does not implement is a 400 naming it,
+# never silently ignored) -------------------------------------------------------------------------------------------
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Body):
@@ -26,11 +33,17 @@ class SamplingRequest(_Body):
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)  # an extension (vLLM's): 0 or -1 keeps every token
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # JSON allows any integer: the range of torch's generators, signed or not (reduced modulo 2**64)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = None  # an end-user id for the client's own records; it changes nothing
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -41,9 +54,11 @@ class SamplingRequest(_Body):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    echo: Literal[False] = False
-    logprobs: None = None
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: score the prompt, generate nothing
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: Literal[1] | None = None  # more than one choice to pick from is not implemented
+    suffix: Literal[""] | None = None  # insertion is not implemented
 
 
 class TextPart(_Body):
@@ -54,28 +69,35 @@ class TextPart(_Body):
 class ChatMessage(_Body):
     role: str
     content: str | list[TextPart] | None = None
+    name: str | None = None
 
     def as_template_input(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": self.role, "content": content}
+        message = {"role": self.role, "content": content}
+        return message if self.name is None else {**message, "name": self.name}
 
 
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
 class APIError(Exception):
     """An error answered as OpenAI-style JSON."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        kind = ("authentication_error" if self.status == 401 else "rate_limit_error" if self.status == 429
+                else "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -84,7 +106,8 @@ class EngineFailure(RuntimeError):
 
 
 # the request field each engine limit is about (the rest are about max_tokens)
-_LIMIT_PARAMS = {"max_batch_size": "n", "prompt": "prompt", "max_prompt_tokens": "prompt"}
+_LIMIT_PARAMS = {"max_batch_size": "n", "prompt": "prompt", "max_prompt_tokens": "prompt",
+                 "max_queued_sequences": "n"}
 
 
 def limit_error(err: LimitError) -> APIError:
@@ -106,10 +129,11 @@ def parse_body(model: type[_Body], raw: bytes) -> Any:
         for e in err.errors():
             if e["type"] == "json_invalid":
                 raise APIError(400, f"malformed JSON body: {e['msg']}", code="invalid_json") from err
-            name = ".".join(str(p) for p in e["loc"][:1]) or "body"
+            # an unknown field is named in full (messages.0.tool_calls), any other error by its top-level field
+            name = ".".join(str(p) for p in e["loc"][:None if e["type"] == "extra_forbidden" else 1]) or "body"
             if e["type"] == "missing":
                 message = "field required"
-            elif e["type"] == "literal_error" or name in ("echo", "logprobs"):
+            elif e["type"] in ("literal_error", "extra_forbidden"):
                 message = "not supported by this server"
             else:
                 message = e["msg"]
@@ -121,22 +145,48 @@ def parse_body(model: type[_Body], raw: bytes) -> Any:
 
 
 # -- response bodies ------------------------------------------------------------------------------------------------
+TokenText = Callable[[int], str]  # a token id's text, for log-probability listings
+
+
+def completion_logprobs(ids: list[int], scored: list[TokenLogprob | None], token_text: TokenText,
+                        offset: int = 0) -> dict[str, Any]:
+    """A completion choice's `logprobs`: per token its text, log-probability (None for the first prompt token of an
+    echo), the most likely alternatives and its character offset (counted from `offset`)."""
+    texts = [token_text(t) for t in ids]
+    offsets = list(itertools.accumulate([len(t) for t in texts[:-1]], initial=offset))
+    return {"tokens": texts, "token_logprobs": [None if e is None else e.logprob for e in scored],
+            "top_logprobs": [None if e is None else {token_text(t): lp for t, lp in e.top} for e in scored],
+            "text_offset": offsets}
+
+
+def chat_logprobs(scored: list[TokenLogprob], token_text: TokenText) -> dict[str, Any]:
+    """A chat choice's `logprobs`: per token its text, bytes, log-probability and the most likely alternatives."""
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in scored]}
+
+
 def completion_body(head: dict[str, Any], chat: bool, texts: list[str], finish: list[str | None],
-                    usage: dict[str, int]) -> dict[str, Any]:
+                    usage: dict[str, int], logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
     """A whole (non-streamed) completion or chat completion."""
+    logprobs = logprobs or [None] * len(texts)
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs[i],
                     "finish_reason": finish[i]} for i, text in enumerate(texts)]
     else:
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish[i]}
+        choices = [{"index": i, "text": text, "logprobs": logprobs[i], "finish_reason": finish[i]}
                    for i, text in enumerate(texts)]
     return {**head, "choices": choices, "usage": usage}
 
 
-def chunk_choice(chat: bool, i: int, text: str | None, reason: str | None, opening: bool = False) -> dict[str, Any]:
+def chunk_choice(chat: bool, i: int, text: str | None, reason: str | None, opening: bool = False,
+                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One choice of a stream chunk: new text (None: none, as in a chat's closing chunk) or the finish reason; a
     chat opens each choice with its role."""
     if chat:
         delta = {} if text is None else {"role": "assistant", "content": text} if opening else {"content": text}
-        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
-    return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+        return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+    return {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}

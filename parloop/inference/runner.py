@@ -23,15 +23,26 @@ class ModelRunner:
         self.pad_token_id = model.config.pad_token_id or 0
         self.rows = 0
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, PLTCache]:
+    def prefill(self, prompts: list[list[int]], keep_hidden: bool = False
+                ) -> tuple[torch.Tensor, PLTCache, torch.Tensor | None]:
         """Run `prompts` as one left-padded batch in a cache of their own; return each prompt's last-token logits
-        `[B, V]` and that cache, from which `insert` moves sequences into rows."""
+        `[B, V]`, that cache (from which `insert` moves sequences into rows) and, with `keep_hidden`, the final
+        hidden states `[B, T, H]` from which `logits` scores every prompt position."""
         device = self.model.device
         ids, mask = left_pad(prompts, self.pad_token_id)
         prefilled = PLTCache(self.model.config, max_length=ids.shape[1])
-        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=prefilled,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
-        return logits, prefilled
+        ids, mask = ids.to(device), mask.to(device)
+        if not keep_hidden:
+            logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=prefilled, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
+            return logits, prefilled, None
+        # the hidden states, not all logits: [B, T, V] logits of a large vocabulary would not fit in memory
+        hidden = self.model.model(ids, mask, past_key_values=prefilled, use_cache=True).last_hidden_state
+        return self.logits(hidden[:, -1]), prefilled, hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits for final hidden states (its language-model head)."""
+        return self.model.lm_head(hidden)
 
     def insert(self, row: int, prefilled: PLTCache, index: int) -> None:
         """Move sequence `index` of a `prefill` cache into `row`, adding rows up to it when the cache has fewer."""

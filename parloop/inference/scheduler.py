@@ -19,27 +19,45 @@ class LimitError(ValueError):
         self.limit = limit
 
 
+class QueueFull(RuntimeError):
+    """The waiting queue has no room for a request's sequences now; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True)
 class Limits:
     """`max_batch_size` sequences decode together (1 disables batching); `max_cached_tokens` bounds the sum of
     prompt + max_tokens over running sequences; `max_prompt_tokens` and `max_model_len` (prompt + max_tokens)
-    bound a single request."""
+    bound a single request; at most `max_queued` sequences wait for admission (more: `QueueFull`)."""
 
     max_batch_size: int
     max_model_len: int
     max_prompt_tokens: int
     max_cached_tokens: int
+    max_queued: int = 256
 
     @classmethod
     def resolve(cls, context_length: int, max_batch_size: int = 16, max_cached_tokens: int | None = None,
-                max_prompt_tokens: int | None = None, max_model_len: int | None = None) -> Limits:
+                max_prompt_tokens: int | None = None, max_model_len: int | None = None,
+                max_queued: int | None = None) -> Limits:
         """The limits with every unset one derived from the others and the model's `context_length`."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         model_len = max_model_len or context_length
         return cls(max_batch_size=max_batch_size, max_model_len=model_len,
                    max_prompt_tokens=min(max_prompt_tokens or model_len, model_len),
-                   max_cached_tokens=max_cached_tokens or max_batch_size * model_len)
+                   max_cached_tokens=max_cached_tokens or max_batch_size * model_len,
+                   max_queued=max_queued or max(256, 4 * max_batch_size))
+
+    def check_count(self, sequences: int) -> None:
+        """Raise `LimitError` if a request of this many sequences could never be queued."""
+        if sequences > self.max_queued:
+            raise LimitError("max_queued_sequences", f"the request asks for {sequences} sequences (prompts x n), "
+                             f"more than the server ever queues ({self.max_queued}, --max-queued-sequences); "
+                             "split it into smaller requests")
 
     def check(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> int:
         """Raise `LimitError` if `n` sequences of this size can never run; return the effective max_tokens."""
@@ -52,9 +70,10 @@ class Limits:
             raise LimitError("max_prompt_tokens", f"the prompt has {prompt_tokens} tokens, over the limit of "
                              f"{self.max_prompt_tokens} (--max-prompt-tokens); shorten the prompt")
         room = min(self.max_model_len, self.max_cached_tokens) - prompt_tokens
+        derived = max_tokens is None  # an explicit 0 only scores the prompt; a derived one must leave room
         if max_tokens is None:
             max_tokens = room
-        if max_tokens < 1 or prompt_tokens + max_tokens > self.max_model_len:
+        if max_tokens < int(derived) or prompt_tokens + max_tokens > self.max_model_len:
             raise LimitError("max_model_len", f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) "
                              f"exceed the context length {self.max_model_len} (--max-model-len); lower max_tokens "
                              "or shorten the prompt")
@@ -96,9 +115,12 @@ class Scheduler(Generic[S]):
     def has_work(self) -> bool:
         return bool(self.waiting) or any(seq is not None for seq in self.rows)
 
-    def add(self, seq: S) -> None:
-        """Queue `seq` behind every waiting sequence."""
-        self.waiting.append(seq)
+    def add(self, seqs: list[S]) -> None:
+        """Queue `seqs` behind every waiting sequence, all or none: `QueueFull` when the queue has no room."""
+        if len(self.waiting) + len(seqs) > self.limits.max_queued:
+            raise QueueFull(f"the server is busy: {len(self.waiting)} sequences are waiting (at most "
+                            f"{self.limits.max_queued}); retry later")
+        self.waiting.extend(seqs)
 
     def drop_cancelled_waiting(self) -> list[S]:
         """Remove and return the waiting sequences that were cancelled before they ran."""

@@ -56,6 +56,7 @@ class TrainRecipe:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; auto = bfloat16 on capable GPUs
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False  # torch.compile the model for training (worth it on GPUs)
     seed: int = 0
     log_interval: int = 10
     eval_interval: int = 100

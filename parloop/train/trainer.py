@@ -91,6 +91,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.raw_model = PLTForCausalLM(self.config).to(self.device)
         self.parameters = sum(p.numel() for p in self.raw_model.parameters())
+        if t.compile:
+            self.raw_model.compile()  # in place: parameter names and checkpoints stay those of the eager model
         self.model = parallelize(self.raw_model, world, recipe.distributed.strategy)
         self.optimizer, self.scheduler = build_optimizer(self.model, t)
         self.step = 0

@@ -1,0 +1,52 @@
+"""The study's plan: the learning-rate sweep's runs and the grid's runs (every cell at every scale and seed), which
+of them are done, and how long the rest should take."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from parloop.study.estimate import EVALUATION_SHARE, is_trained, training_seconds
+from parloop.study.grid import Cell, Preset, Run, Scale, grid
+from parloop.study.run import recipe_for
+from parloop.study.sweep import sweep_dir, sweep_runs
+from parloop.train.corpus import Corpus
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    sweep: list[Run]  # at the smallest scale, with the sweep seed
+    runs: list[Run]  # the compared models, at the recipe's learning rate until the sweep has chosen
+
+    def with_learning_rates(self, chosen: dict[str, dict[str, Any]]) -> list[Run]:
+        """The compared models, each with the multiplier the sweep chose for its cell."""
+        return [replace(run, lr_multiplier=chosen[run.cell.name]["multiplier"]) for run in self.runs]
+
+    def done(self, study: Path, index: int) -> bool:
+        """Job `index` (the sweep's runs first, then the models) is trained, and a model also evaluated."""
+        if index < len(self.sweep):
+            return is_trained(sweep_dir(study, self.sweep[index]))
+        run_dir = study / "models" / self.runs[index - len(self.sweep)].name
+        return is_trained(run_dir) and (run_dir / "evaluation.json").is_file()
+
+
+def make_plan(preset: Preset, scales: Sequence[Scale], modes: list[str], compute_matched: bool) -> Plan:
+    cells = grid(preset.loops, modes, compute_matched)
+    runs = [Run(cell, scale, seed) for scale in scales for seed in range(preset.seeds) for cell in cells]
+    return Plan(cells, sweep_runs(cells, scales[0], preset), runs)
+
+
+def estimate_seconds(plan: Plan, preset: Preset, corpus: Path, overrides: list[str]) -> list[float]:
+    """Per job: its training time (a step of each distinct model timed now, times its steps), plus its evaluation
+    for the compared models."""
+    data = Corpus(corpus)
+    timed: dict[tuple[str, str], float] = {}
+    for run in plan.sweep + plan.runs:
+        key = (run.scale.name, run.cell.name)
+        if key not in timed:
+            timed[key] = training_seconds(recipe_for(run, preset, corpus, overrides), data)
+    return ([timed[r.scale.name, r.cell.name] for r in plan.sweep]
+            + [timed[r.scale.name, r.cell.name] * (1 + EVALUATION_SHARE) for r in plan.runs])

@@ -107,9 +107,9 @@ def _train_sweep(plan: Plan, progress: Progress, study: Path, preset: Preset, co
 def _train_and_evaluate(args: argparse.Namespace, study: Path, preset: Preset, plan: Plan, corpus: Path,
                         held_out: list, device: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The sweep's choices and the record of every model of the grid, trained and evaluated in turn."""
-    estimates = estimate_seconds(plan, preset, corpus, args.overrides)
-    progress = Progress([f"sweep {r.name} lr x{r.lr_multiplier:g}" for r in plan.sweep] + [r.name for r in plan.runs],
-                        estimates, lambda i: plan.done(study, i))
+    names = [f"sweep {r.name} lr x{r.lr_multiplier:g}" for r in plan.sweep] + [r.name for r in plan.runs]
+    pending = [i for i in range(len(names)) if not plan.done(study, i)]
+    progress = Progress(names, estimate_seconds(plan, preset, corpus, args.overrides, pending), pending)
     print(f"plan: {len(plan.sweep)} sweep runs and {len(plan.runs)} models ({len(plan.cells)} per scale and seed); "
           f"estimated time {format_duration(progress.remaining())} (training steps timed on this machine now; "
           f"evaluations estimated); {len(plan.sweep) + len(plan.runs) - len(progress.pending)} already done",

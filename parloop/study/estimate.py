@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from parloop.train.corpus import Corpus
@@ -20,8 +21,10 @@ EVALUATION_SHARE = 0.25
 
 def training_seconds(recipe: Recipe, corpus: Corpus, timed_steps: int = 2) -> float:
     """Seconds to train `recipe`: its step count times the time of a training step of the real model, timed
-    after one warm-up step (the fastest of `timed_steps`, since a shared machine only ever slows a step down)."""
-    trainer = Trainer(recipe, corpus, World())
+    after one warm-up step (the fastest of `timed_steps`, since a shared machine only ever slows a step down).
+    An upper bound for a compiled recipe, which is timed eager."""
+    # eager: compiling every model only to time it would take longer than most of the runs it estimates
+    trainer = Trainer(replace(recipe, train=replace(recipe.train, compile=False)), corpus, World())
     trainer.train_step()
     times = []
     for _ in range(timed_steps):
@@ -43,9 +46,8 @@ class Progress:
     """Jobs of known estimated cost done one after another: after each, what is done and what is left, the
     estimate of the rest scaled by how the finished jobs compared with their estimates."""
 
-    def __init__(self, names: Sequence[str], estimates: Sequence[float], done: Callable[[int], bool]) -> None:
-        self.names, self.estimates = list(names), list(estimates)
-        self.pending = [i for i in range(len(names)) if not done(i)]
+    def __init__(self, names: Sequence[str], estimates: Sequence[float], pending: Sequence[int]) -> None:
+        self.names, self.estimates, self.pending = list(names), list(estimates), list(pending)
         self.spent = self.estimated_done = 0.0
         self.started = time.perf_counter()
 

@@ -72,13 +72,14 @@ PRESETS = {
         programs=6, lines=20, humaneval=1, humaneval_tokens=8, diagnostic_sequences=4,
         # for a model this small one thread is faster, and on a busy machine much faster, than two
         threads=1),
-    # one H100, under 30 minutes: tens of millions of parameters, the site-packages corpus, bf16, compiled
+    # one H100, about 25 minutes by a FLOP count at 120 TFLOP/s (never run: docs/study.md): 13M- and 26M-parameter
+    # models (R = 1), 20M and 30M tokens each, about 1B tokens in all; the site-packages corpus; bf16, compiled
     "gpu": Preset(
         source="site-packages", vocab_size=16384, val_fraction=0.01, test_fraction=0.01,
         model=dict(num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
                    plt_window_size=[64, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE),
-        scales=(Scale("10m", dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4), 40_000_000),
-                Scale("40m", dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=6), 80_000_000)),
+        scales=(Scale("13m", dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4), 20_000_000),
+                Scale("26m", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6), 30_000_000)),
         train=dict(seq_len=512, batch_size=64, micro_batch_size=64, lr=2e-3, min_lr=2e-4, weight_decay=0.1,
                    dtype="bfloat16", device="cuda", compile=True, log_interval=50, eval_sequences=256,
                    keep_checkpoints=1),

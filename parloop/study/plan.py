@@ -39,14 +39,17 @@ def make_plan(preset: Preset, scales: Sequence[Scale], modes: list[str], compute
     return Plan(cells, sweep_runs(cells, scales[0], preset), runs)
 
 
-def estimate_seconds(plan: Plan, preset: Preset, corpus: Path, overrides: list[str]) -> list[float]:
-    """Per job: its training time (a step of each distinct model timed now, times its steps), plus its evaluation
-    for the compared models."""
+def estimate_seconds(plan: Plan, preset: Preset, corpus: Path, overrides: list[str],
+                     pending: Sequence[int]) -> list[float]:
+    """Per job (0 for those not pending): its training time (a step of each distinct model timed now, times its
+    steps), plus for a compared model its evaluation (`EVALUATION_SHARE` of its training)."""
     data = Corpus(corpus)
+    jobs = plan.sweep + plan.runs
     timed: dict[tuple[str, str], float] = {}
-    for run in plan.sweep + plan.runs:
-        key = (run.scale.name, run.cell.name)
+    for i in pending:
+        key = (jobs[i].scale.name, jobs[i].cell.name)
         if key not in timed:
-            timed[key] = training_seconds(recipe_for(run, preset, corpus, overrides), data)
-    return ([timed[r.scale.name, r.cell.name] for r in plan.sweep]
-            + [timed[r.scale.name, r.cell.name] * (1 + EVALUATION_SHARE) for r in plan.runs])
+            timed[key] = training_seconds(recipe_for(jobs[i], preset, corpus, overrides), data)
+    share = [0.0] * len(plan.sweep) + [EVALUATION_SHARE] * len(plan.runs)
+    waiting = set(pending)
+    return [timed[r.scale.name, r.cell.name] * (1 + share[i]) if i in waiting else 0.0 for i, r in enumerate(jobs)]

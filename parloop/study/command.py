@@ -15,7 +15,7 @@ from parloop.config import LOOP_MODES
 from parloop.study.corpus import prepare_data
 from parloop.study.estimate import Progress, format_duration
 from parloop.study.grid import PRESETS, STUDY_MODES, Preset, pick_scales
-from parloop.study.plan import Plan, estimate_seconds, make_plan
+from parloop.study.plan import Plan, estimate_times, make_plan
 from parloop.study.report import write_report
 from parloop.study.run import recipe_for, run_model
 from parloop.study.sweep import choose_learning_rates, sweep_dir
@@ -67,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=unset,
                             help=f"{what} (default {getattr(default, name)}; --quick {getattr(quick, name)})")
     parser.add_argument("--threads", type=int, default=unset,
-                        help="torch CPU threads for training and evaluation (default torch's choice; --quick 1, "
-                        "which is faster for tiny models and on a busy machine)")
+                        help="torch CPU threads for training and evaluation (default 1, faster for models this "
+                        "small, above all on a busy machine; --preset gpu: torch's choice)")
     parser.add_argument("--device", default="auto", help="device for evaluation: auto, cpu or cuda (training uses "
                         "the recipe's train.device)")
 
@@ -109,11 +109,13 @@ def _train_and_evaluate(args: argparse.Namespace, study: Path, preset: Preset, p
     """The sweep's choices and the record of every model of the grid, trained and evaluated in turn."""
     names = [f"sweep {r.name} lr x{r.lr_multiplier:g}" for r in plan.sweep] + [r.name for r in plan.runs]
     pending = [i for i in range(len(names)) if not plan.done(study, i)]
-    progress = Progress(names, estimate_seconds(plan, preset, corpus, args.overrides, pending), pending)
-    print(f"plan: {len(plan.sweep)} sweep runs and {len(plan.runs)} models ({len(plan.cells)} per scale and seed); "
-          f"estimated time {format_duration(progress.remaining())} (training steps timed on this machine now; "
-          f"evaluations estimated); {len(plan.sweep) + len(plan.runs) - len(progress.pending)} already done",
-          file=sys.stderr)
+    times = estimate_times(plan, preset, corpus, args.overrides, pending)
+    progress = Progress(names, [t.wall for t in times], pending)
+    print(f"plan: {len(plan.sweep)} learning-rate sweep runs and {len(plan.runs)} models ({len(plan.cells)} per "
+          f"scale and seed), {len(names) - len(pending)} already done. Estimated time: about "
+          f"{format_duration(sum(t.wall for t in times))} on this machine as loaded now, about "
+          f"{format_duration(sum(t.quiet for t in times))} with nothing else running (a training step of each model "
+          f"timed now; evaluations estimated)", file=sys.stderr)
     if args.estimate:
         return {}, []
     sweep = _train_sweep(plan, progress, study, preset, corpus, args.overrides)

@@ -5,33 +5,54 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from parloop.train.corpus import Corpus
 from parloop.train.distributed import World
 from parloop.train.recipe import Recipe
 from parloop.train.trainer import Trainer
 
-# What an evaluation costs, as a share of the model's training time: measured on the default CPU preset (the
-# held-out bits per byte, the generation tasks and the per-loop diagnostics of one model against its training),
-# and used until the study has timed evaluations of its own.
-EVALUATION_SHARE = 0.25
+# What an evaluation costs, as a share of the model's training time: about 40 s against 110 s for the default
+# preset's R = 1 model at scale s (2 CPU cores shared with other work). The running estimate corrects it with the
+# study's own timings as jobs finish.
+EVALUATION_SHARE = 0.35
 
 
-def training_seconds(recipe: Recipe, corpus: Corpus, timed_steps: int = 2) -> float:
-    """Seconds to train `recipe`: its step count times the time of a training step of the real model, timed
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of a job: `wall` on this machine as loaded now; `quiet` on the same machine with nothing else running
+    (on a CPU: the process's CPU time per thread, which other processes do not inflate much; on a GPU: wall)."""
+
+    wall: float
+    quiet: float
+
+    def __add__(self, other: Timing) -> Timing:
+        return Timing(self.wall + other.wall, self.quiet + other.quiet)
+
+    def __mul__(self, factor: float) -> Timing:
+        return Timing(self.wall * factor, self.quiet * factor)
+
+
+def training_time(recipe: Recipe, corpus: Corpus, timed_steps: int = 2) -> Timing:
+    """The time to train `recipe`: its step count times the time of a training step of the real model, timed
     after one warm-up step (the fastest of `timed_steps`, since a shared machine only ever slows a step down).
     An upper bound for a compiled recipe, which is timed eager."""
     # eager: compiling every model only to time it would take longer than most of the runs it estimates
     trainer = Trainer(replace(recipe, train=replace(recipe.train, compile=False)), corpus, World())
     trainer.train_step()
-    times = []
+    wall, cpu = [], []
     for _ in range(timed_steps):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         trainer.train_step()
-        times.append(time.perf_counter() - started)
-    return min(times) * recipe.train.max_steps
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        wall.append(time.perf_counter() - started)
+        cpu.append((time.process_time() - started_cpu) / torch.get_num_threads())
+    quiet = min(wall) if trainer.device.type == "cuda" else min(min(cpu), min(wall))
+    return Timing(min(wall), quiet) * recipe.train.max_steps
 
 
 def format_duration(seconds: float) -> str:

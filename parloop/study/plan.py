@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from parloop.study.estimate import EVALUATION_SHARE, is_trained, training_seconds
+from parloop.study.estimate import EVALUATION_SHARE, Timing, is_trained, training_time
 from parloop.study.grid import Cell, Preset, Run, Scale, grid
 from parloop.study.run import recipe_for
 from parloop.study.sweep import sweep_dir, sweep_runs
@@ -39,17 +39,18 @@ def make_plan(preset: Preset, scales: Sequence[Scale], modes: list[str], compute
     return Plan(cells, sweep_runs(cells, scales[0], preset), runs)
 
 
-def estimate_seconds(plan: Plan, preset: Preset, corpus: Path, overrides: list[str],
-                     pending: Sequence[int]) -> list[float]:
-    """Per job (0 for those not pending): its training time (a step of each distinct model timed now, times its
+def estimate_times(plan: Plan, preset: Preset, corpus: Path, overrides: list[str],
+                   pending: Sequence[int]) -> list[Timing]:
+    """Per job (zero for those not pending): its training time (a step of each distinct model timed now, times its
     steps), plus for a compared model its evaluation (`EVALUATION_SHARE` of its training)."""
     data = Corpus(corpus)
     jobs = plan.sweep + plan.runs
-    timed: dict[tuple[str, str], float] = {}
+    timed: dict[tuple[str, str], Timing] = {}
     for i in pending:
         key = (jobs[i].scale.name, jobs[i].cell.name)
         if key not in timed:
-            timed[key] = training_seconds(recipe_for(jobs[i], preset, corpus, overrides), data)
+            timed[key] = training_time(recipe_for(jobs[i], preset, corpus, overrides), data)
     share = [0.0] * len(plan.sweep) + [EVALUATION_SHARE] * len(plan.runs)
     waiting = set(pending)
-    return [timed[r.scale.name, r.cell.name] * (1 + share[i]) if i in waiting else 0.0 for i, r in enumerate(jobs)]
+    return [timed[r.scale.name, r.cell.name] * (1 + share[i]) if i in waiting else Timing(0.0, 0.0)
+            for i, r in enumerate(jobs)]

@@ -72,8 +72,9 @@ PRESETS = {
                    device="cpu", log_interval=5, eval_sequences=8, keep_checkpoints=1),
         loops=(1, 2), seeds=2, lr_multipliers=(1.0, 2.0), checkpoints=1, validations=1, eval_bytes=6_000,
         programs=6, lines=20, humaneval=1, humaneval_tokens=8, diagnostic_sequences=4),
-    # one H100, about 25 minutes by a FLOP count at 120 TFLOP/s (never run: docs/study.md): 13M- and 26M-parameter
-    # models (R = 1), 20M and 30M tokens each, about 1B tokens in all; the site-packages corpus; bf16, compiled
+    # one H100: about 24 minutes of training by a FLOP count at 120 TFLOP/s, plus compilation and evaluation (never
+    # run yet: docs/study.md); 13M- and 26M-parameter models (R = 1), 20M and 30M tokens each, about 1.1B tokens in
+    # all; the site-packages corpus; bf16, compiled
     "gpu": Preset(
         source="site-packages", vocab_size=16384, val_fraction=0.01, test_fraction=0.01,
         model=dict(num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,

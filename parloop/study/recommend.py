@@ -73,6 +73,9 @@ def recommend_at(cells: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
 def recommend(groups: Groups) -> dict[str, Any]:
     """The recommendation at every scale and the study's verdict (that of the largest scale), with its reason."""
     per_scale = {scale: recommend_at(cells) for scale, cells in groups.items() if _rows(cells)}
+    if not per_scale:
+        return {"loops": None, "scale": list(groups)[-1], "per_scale": {},
+                "reason": "No verdict: the rule compares R = 1 and parallel models, and none was trained."}
     largest = max(per_scale, key=lambda s: compute(groups[s], _rows(groups[s])[min(_rows(groups[s]))]))
     verdict = per_scale[largest]
     lines = [f"At the largest scale ({largest}):", *verdict["lines"]]

@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from parloop import cli
+from parloop.train import corpus as corpus_module
 from parloop.train.corpus import Corpus, TokenWindows, build_corpus, iter_documents
 from parloop.train.errors import DataError
 
@@ -196,3 +197,39 @@ def test_training_order_is_a_pure_function_of_seed_and_sample() -> None:
     assert not np.array_equal(first_epoch, windows.shuffled(4, 0, 100))
     batch = windows.get(np.array([0, 5]))
     assert batch.shape == (2, 11) and batch[1, 0] == 50 and batch[1, -1] == 60
+
+
+def test_site_packages_source_dedups_by_content_and_splits_by_path(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # two environments: the same modules (one copy identical, one a different version) plus exact copies under
+    # other names, which must be read once
+    env_a, env_b = tmp_path / "a" / "site-packages", tmp_path / "b" / "site-packages"
+    files = write_source_tree(env_a, count=60)
+    write_source_tree(env_b, count=10)  # byte-identical to env_a's first ten files
+    (env_b / "pkg0" / "mod_020.py").write_text(files["pkg0/mod_020.py"] + "# version 2\n")  # same path, new text
+    for i in range(5):  # the same content under a new name
+        (env_a / "vendored" / f"copy_{i}.py").parent.mkdir(exist_ok=True)
+        (env_a / "vendored" / f"copy_{i}.py").write_text(files[f"pkg{(30 + i) % 4}/mod_{30 + i:03d}.py"])
+    (env_a / "data.txt").write_text("not python")
+    monkeypatch.setattr(corpus_module, "site_packages_roots", lambda: [env_a, env_b])
+
+    skipped: dict[str, int] = {}
+    docs = list(iter_documents("site-packages", skipped=skipped))
+    assert skipped["duplicate"] == 10 + 5
+    assert len(docs) == 60 + 1 and len({d.text for d in docs}) == len(docs)
+    split = {d.text: corpus_module.split_of(d.key, 0.2, 0.2) for d in docs}
+    by_name: dict[str, set[str]] = {}
+    for d in docs:
+        by_name.setdefault(d.name, set()).add(split[d.text])
+    # a path is in one split only, whichever environment its versions came from
+    assert all(len(s) == 1 for s in by_name.values()) and len(by_name["pkg0/mod_020.py"]) == 1
+
+    meta = build_corpus("site-packages", tmp_path / "corpus", vocab_size=VOCAB, val_fraction=0.2, test_fraction=0.2)
+    assert meta["skipped"]["duplicate"] == 15
+    assert sum(s["documents"] for s in meta["splits"].values()) == 61
+    assert str(env_a) in meta["settings"]["source"] and str(env_b) in meta["settings"]["source"]
+    held_out = {n for n in (tmp_path / "corpus" / "test_files.txt").read_text().split()}
+    assert held_out == {d.name for d in docs if split[d.text] == "test"}
+    texts = {s: {d.text for d in docs if split[d.text] == s} for s in ("train", "val", "test")}
+    assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["val"])
+    assert all(texts.values())

@@ -1,27 +1,69 @@
-"""`parloop study`: the grid, the recommendation rule, and the `--quick` preset end to end (with resuming)."""
+"""`parloop study`: the grid, the intervals, the recommendation rule, and the `--quick` preset end to end (with two
+seeds, two scales, the learning-rate sweep, and resuming)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from safetensors.torch import load_file
 
 from parloop.cli import main
 from parloop.eval.programs import is_held_out, load_programs
-from parloop.study.analysis import paired_difference, recommend
-from parloop.study.grid import PRESETS, Cell, grid
+from parloop.study.analysis import cost, group_models, paired_difference
+from parloop.study.grid import PRESETS, Cell, Run, grid
+from parloop.study.recommend import recommend
 from parloop.study.run import recipe_for
+from parloop.study.stats import mean_interval, t_quantile
 from parloop.train.corpus import Corpus
 from parloop.train.errors import RecipeError
 
 
 def test_grid_trains_r1_once_and_every_other_cell_per_mode() -> None:
-    cells = grid([3, 1, 2, 2], ["parallel", "sequential_shared"])
+    cells = grid([3, 1, 2, 2], ["parallel", "sequential_shared"], compute_matched=False)
     assert [c.name for c in cells] == ["r1", "parallel-r2", "sequential_shared-r2", "parallel-r3",
                                        "sequential_shared-r3"]
     assert cells[0].modes == ("parallel", "sequential_shared")
+    # the compute-matched baselines: R = 1 with R x the layers, one per R >= 2
+    matched = {c.name: c for c in grid([1, 2, 3], ["parallel", "sequential"])}
+    assert list(matched) == ["r1", "r1-x2layers", "parallel-r2", "sequential-r2", "r1-x3layers", "parallel-r3",
+                             "sequential-r3"]
+    assert (matched["r1-x3layers"].loops, matched["r1-x3layers"].depth) == (1, 3)
+
+
+def test_t_quantiles_and_intervals_match_the_textbook() -> None:
+    # Student's t table, two-sided 95 %
+    for df, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423), (1000, 1.9623)):
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    i = mean_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: half-width t(0.975, 2) / sqrt(3)
+    assert (i.mean, i.n) == (2.0, 3) and i.half_width == pytest.approx(4.3027 / math.sqrt(3), abs=1e-4)
+    assert i.low == pytest.approx(2 - 2.4842, abs=1e-4) and not i.excludes_zero
+    assert mean_interval([5.0, 5.0]).half_width == 0.0 and mean_interval([5.0, 5.0]).excludes_zero
+    one = mean_interval([0.3])
+    assert one.n == 1 and math.isnan(one.half_width) and not one.excludes_zero
+
+
+def _model(name: str, loops: int, seed: int, test_bpb: float, scale: str = "s") -> dict:
+    files = {"bits": [test_bpb * 100, test_bpb * 300], "bytes": [100, 300]}
+    return {"name": name, "scale": scale, "seed": seed, "loops": loops, "depth": 1,
+            "training": {"parameters": 1000, "tokens": 5000},
+            "evaluation": {"test_bpb": test_bpb, "val_bpb": test_bpb, "test_files": files}}
+
+
+def test_paired_cost_is_the_mean_of_the_per_seed_differences() -> None:
+    a = {s: _model("parallel-r2", 2, s, v) for s, v in enumerate([1.0, 1.2, 1.1])}
+    b = {s: _model("r1", 1, s, v) for s, v in enumerate([0.9, 1.0, 1.0])}
+    # per-seed differences 0.1, 0.2, 0.1: mean 0.1333, sd 0.0577, half-width 4.3027 * 0.0577 / sqrt(3)
+    c = cost(a, b, "test_bpb", higher=False)
+    assert c.mean == pytest.approx(0.4 / 3) and c.half_width == pytest.approx(0.14343, abs=1e-4)
+    assert c.excludes_zero is False
+    flipped = cost(a, b, "test_bpb", higher=True)  # for an accuracy, higher a is better: the cost changes sign
+    assert flipped.mean == pytest.approx(-0.4 / 3)
+    assert cost(a, {5: b[0]}, "test_bpb", higher=False) is None  # no seed in common
 
 
 def test_paired_difference_and_its_standard_error() -> None:
@@ -36,60 +78,80 @@ def test_paired_difference_and_its_standard_error() -> None:
     assert diff == pytest.approx(1 / 60) and se > 0.005
 
 
-def _row(loops: int, per_file_bits: list[float]) -> dict:
-    files = {"bits": per_file_bits, "bytes": [100] * len(per_file_bits)}
-    return {"loops": loops, "evaluation": {"test_bpb": sum(per_file_bits) / (100 * len(per_file_bits)),
-                                           "test_files": files}}
+def _groups(per_r: dict[int, list[float]]) -> dict:
+    names = {1: "r1"} | {r: f"parallel-r{r}" for r in per_r if r > 1}
+    return group_models([_model(names[r], r, s, v) for r, values in per_r.items() for s, v in enumerate(values)])
 
 
-def test_recommendation_prefers_fewer_loops_only_when_the_difference_is_not_measurable() -> None:
-    noisy = {1: _row(1, [101.0, 99.0, 104.0, 96.0]), 2: _row(2, [100.0, 100.0, 100.0, 99.0]),
-             3: _row(3, [130.0, 131.0, 129.0, 130.0])}
-    rec = recommend({"parallel": noisy}, {})
-    assert rec["best_test_bpb_loops"] == 2 and rec["loops"] == 1  # R = 1 is within noise of R = 2
-    clear = {1: _row(1, [110.0, 111.0, 109.0, 110.0]), 2: noisy[2], 3: noisy[3]}
-    rec = recommend({"parallel": clear}, {})
-    assert rec["loops"] == 2 and "R = 2 has the lowest test bits per byte" in rec["reason"]
+def test_recommendation_prefers_fewer_loops_only_when_the_seeds_can_tell_them_apart() -> None:
+    # R = 2 is lower on average, but R = 1 - R = 2 varies in sign over the seeds: not measurable
+    noisy = recommend(_groups({1: [2.00, 2.10, 1.90], 2: [2.05, 1.95, 1.92], 3: [2.30, 2.31, 2.29]}))
+    assert noisy["per_scale"]["s"]["best"] == 2 and noisy["loops"] == 1
+    assert "not measurably worse" in noisy["reason"]
+    # R = 2 lower than R = 1 by about 0.1 with every seed: measurable, so R = 2
+    clear = recommend(_groups({1: [2.10, 2.21, 2.00], 2: [2.00, 2.10, 1.91], 3: [2.30, 2.31, 2.29]}))
+    assert clear["loops"] == 2 and clear["per_scale"]["s"]["differences"]["1"]["low"] > 0
+    # one seed: no interval, so no verdict
+    single = recommend(_groups({1: [2.1], 2: [2.0]}))
+    assert single["loops"] is None and "No verdict" in single["reason"]
 
 
-def test_the_study_sets_loops_and_mode_itself(tmp_path: Path) -> None:
-    cell = Cell("parallel-r2", 2, "parallel", ("parallel",))
-    recipe = recipe_for(cell, PRESETS["quick"], tmp_path, ["model.num_hidden_layers=2"])
-    assert recipe.model["plt_num_loops"] == 2 and recipe.model["num_hidden_layers"] == 2
-    assert recipe.train.max_steps * recipe.train.batch_size * recipe.train.seq_len <= PRESETS["quick"].budget
-    with pytest.raises(RecipeError, match="plt_num_loops"):
-        recipe_for(cell, PRESETS["quick"], tmp_path, ["model.plt_num_loops=3"])
+def test_the_study_sets_loops_mode_depth_seed_and_learning_rate_itself(tmp_path: Path) -> None:
+    quick = PRESETS["quick"]
+    cell = Cell("r1-x2layers", 1, "parallel", ("parallel",), depth=2)
+    recipe = recipe_for(Run(cell, quick.scales[0], seed=7, lr_multiplier=2.0), quick, tmp_path,
+                        ["model.hidden_size=16", "train.lr=1e-3"])
+    assert recipe.model["num_hidden_layers"] == 2 * quick.scales[0].model["num_hidden_layers"]
+    assert recipe.model["hidden_size"] == 16 and recipe.model["plt_normalize_per_loop"] is True
+    assert recipe.train.seed == 7 and recipe.train.lr == pytest.approx(2e-3)  # the multiplier scales --set's lr
+    assert recipe.train.max_steps * recipe.train.batch_size * recipe.train.seq_len <= quick.scales[0].budget
+    for override in ("model.plt_num_loops=3", "train.seed=1", "model.num_hidden_layers=5"):
+        with pytest.raises(RecipeError, match=override.split("=")[0]):
+            recipe_for(Run(cell, quick.scales[0], 0), quick, tmp_path, [override])
 
 
-def test_quick_study_end_to_end_and_resumed(tmp_path: Path) -> None:
+def test_quick_study_with_two_seeds_end_to_end_and_resumed(tmp_path: Path) -> None:
     out = tmp_path / "study"
-    assert main(["study", "--quick", "--out", str(out)]) == 0
+    assert main(["study", "--quick", "--seeds", "2", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    models = {m["name"]: m for m in results["models"]}
-    assert set(models) == {"r1"} | {f"{mode}-r{r}" for mode in ("parallel", "sequential_shared") for r in range(2, 6)}
+    cells = {"r1", "r1-x2layers"} | {f"{mode}-r2" for mode in ("parallel", "sequential_shared", "sequential")}
+    models = {(m["scale"], m["name"], m["seed"]): m for m in results["models"]}
+    assert set(models) == {(s, c, seed) for s in ("xs", "s") for c in cells for seed in (0, 1)}
 
-    # matched models: the same token budget and data, the size differs only by the G-SWA gates
-    assert len({m["training"]["tokens"] for m in models.values()}) == 1
-    for name, m in models.items():
+    # matched models: the same token budget per scale; the seed is recorded, and two seeds are two models
+    for scale in ("xs", "s"):
+        assert len({m["training"]["tokens"] for (s, _, _), m in models.items() if s == scale}) == 1
+    assert models["s", "r1-x2layers", 0]["layers"] == 2 * models["s", "r1", 0]["layers"]
+    assert models["s", "sequential-r2", 0]["training"]["parameters"] == models["s", "r1", 0]["training"]["parameters"]
+    weights = [load_file(out / "models" / "xs" / "r1" / f"seed{seed}" / "model" / "model.safetensors")
+               for seed in (0, 1)]
+    assert any(not np.array_equal(weights[0][k].numpy(), weights[1][k].numpy()) for k in weights[0])
+    recipes = [yaml.safe_load((out / "models" / "xs" / "r1" / f"seed{seed}" / "recipe.yaml").read_text())
+               for seed in (0, 1)]
+    assert [r["train"]["seed"] for r in recipes] == [0, 1]
+    for m in models.values():
         ev = m["evaluation"]
-        for key in ("val_bpb", "test_bpb"):
-            assert 0 < ev[key] < 12
-        for key in ("code_reasoning", "line_completion", "humaneval"):
-            assert 0 <= ev[key] <= 1
-        if m["loops"] >= 2:
-            d = ev["diagnostics"]
-            assert len(d["logit_lens_loss"]) == m["loops"] and len(d["relative_update"]) == m["loops"] - 1
-            assert len(d["gate_mean"]) == 1 and len(d["attention_js"][0]) == m["loops"] - 1
-        else:
-            assert "diagnostics" not in ev, name
-    # R = 1 is one model in both modes, so the offset costs nothing there
-    assert all(v == 0 for v in results["offset_cost"]["1"].values())
-    assert results["recommendation"]["loops"] in range(1, 6)
+        assert 0 < ev["test_bpb"] < 12 and all(0 <= ev[k] <= 1 for k in ("code_reasoning", "line_completion"))
+        assert ("diagnostics" in ev) == (m["loops"] >= 2)
+
+    # the learning-rate sweep chose one of its multipliers per cell, and every seed of a cell trains at that rate
+    for name, chosen in results["lr_sweep"].items():
+        assert chosen["multiplier"] in PRESETS["quick"].lr_multipliers and len(chosen["val_bpb"]) == 2
+        assert len({m["lr"] for (_, c, _), m in models.items() if c == name}) == 1
+    # every difference is a mean over the two seeds with an interval around it
+    gap = results["comparisons"]["s"]["parallel-r2"]["R = 1"]["test_bpb"]
+    per_seed = [models["s", "parallel-r2", s]["evaluation"]["test_bpb"] - models["s", "r1", s]["evaluation"]["test_bpb"]
+                for s in (0, 1)]
+    assert gap["n"] == 2 and gap["mean"] == pytest.approx(np.mean(per_seed))
+    assert gap["low"] <= gap["mean"] <= gap["high"]
+    assert [p["scale"] for p in results["gap_vs_scale"]["2"]] == ["xs", "s"]
+    assert results["offset_cost"]["s"]["2"]["test_bpb"]["n"] == 2
+    assert results["recommendation"]["loops"] in (1, 2) and results["recommendation"]["scale"] == "s"
 
     report = (out / "report.md").read_text()
-    assert "| R | val bits/byte | test bits/byte | code reasoning | line completion | HumanEval pass@1" in report
+    assert "| model | val bits/byte | test bits/byte | code reasoning | line completion | HumanEval pass@1" in report
     assert f"**R = {results['recommendation']['loops']}.**" in report
-    for png in ("evaluations.png", "diagnostics.png", "offset_cost.png"):
+    for png in ("evaluations.png", "gap_vs_scale.png", "offset_cost.png", "diagnostics.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
 
     # held-out programs are not in the training mix, which only adds to the train split
@@ -104,12 +166,13 @@ def test_quick_study_end_to_end_and_resumed(tmp_path: Path) -> None:
 
     # Resuming: finished models and evaluations are kept as they are; a model whose run is gone is trained again
     # and, the training being deterministic, gives the same numbers.
-    kept = out / "models" / "parallel-r3" / "evaluation.json"
+    kept = out / "models" / "s" / "parallel-r2" / "seed1" / "evaluation.json"
     kept_time = kept.stat().st_mtime_ns
-    redo = out / "models" / "r1"
+    redo = out / "models" / "xs" / "r1" / "seed0"
     for name in ("final_metrics.json", "evaluation.json"):
         (redo / name).unlink()
-    assert main(["study", "--quick", "--out", str(out)]) == 0
+    assert main(["study", "--quick", "--seeds", "2", "--out", str(out)]) == 0
     assert kept.stat().st_mtime_ns == kept_time
-    again = {m["name"]: m for m in json.loads((out / "results.json").read_text())["models"]}
-    assert again["r1"]["evaluation"]["test_bpb"] == pytest.approx(models["r1"]["evaluation"]["test_bpb"], rel=1e-6)
+    again = {(m["scale"], m["name"], m["seed"]): m for m in json.loads((out / "results.json").read_text())["models"]}
+    assert again["xs", "r1", 0]["evaluation"]["test_bpb"] == pytest.approx(
+        models["xs", "r1", 0]["evaluation"]["test_bpb"], rel=1e-6)

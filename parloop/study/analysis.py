@@ -1,5 +1,6 @@
-"""Reading the study's results: rows by mode, the offset cost, paired differences and the recommended loop
-count."""
+"""Reading the study's results: models grouped by scale and cell, paired differences over seeds with their
+95 % intervals (against R = 1, against the compute-matched R = 1, parallel against sequential_shared), the gap
+against scale, and the recommended loop count by the rule of docs/study.md."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from parloop.eval.diagnostics import offset_cost
+from parloop.study.stats import Interval, mean_interval
 
 # (key in a model's evaluation, column title, higher is better)
 METRICS = (
@@ -20,12 +22,93 @@ METRICS = (
     ("humaneval", "HumanEval pass@1", True),
 )
 
-Rows = dict[str, dict[int, dict[str, Any]]]  # {mode: {R: model record}}
+Groups = dict[str, dict[str, dict[int, dict[str, Any]]]]  # {scale: {cell name: {seed: model record}}}
 
 
-def rows_by_mode(models: Sequence[dict[str, Any]], modes: Sequence[str]) -> Rows:
-    """{mode: {R: model record}}, the R = 1 model in every mode."""
-    return {mode: {m["loops"]: m for m in models if mode in m["modes"]} for mode in modes}
+def group_models(models: Sequence[dict[str, Any]]) -> Groups:
+    """{scale: {cell: {seed: record}}}, scales and cells in the order they were trained."""
+    groups: Groups = {}
+    for m in models:
+        groups.setdefault(m["scale"], {}).setdefault(m["name"], {})[m["seed"]] = m
+    return groups
+
+
+def by_seed(seeds: dict[int, dict[str, Any]], key: str) -> dict[int, float]:
+    return {s: m["evaluation"][key] for s, m in seeds.items()}
+
+
+def cost(model: dict[int, dict[str, Any]], baseline: dict[int, dict[str, Any]], key: str,
+         higher: bool) -> Interval | None:
+    """How much worse `model` is than `baseline` on `key` (positive: worse), paired by seed, with its interval."""
+    a, b = by_seed(model, key), by_seed(baseline, key)
+    seeds = sorted(set(a) & set(b))
+    return mean_interval([offset_cost(a[s], b[s], higher) for s in seeds]) if seeds else None
+
+
+def cell_loops(cells: dict[str, dict[int, dict[str, Any]]], name: str) -> int:
+    return next(iter(cells[name].values()))["loops"]
+
+
+def baselines(cells: dict[str, dict[int, dict[str, Any]]], name: str) -> dict[str, str]:
+    """The baselines of a looped cell present in the grid: `r1` (same parameters) and `r1-x{R}layers` (same
+    compute)."""
+    r = cell_loops(cells, name)
+    return {label: b for label, b in (("R = 1", "r1"), ("R = 1, compute-matched", f"r1-x{r}layers")) if b in cells}
+
+
+def comparisons(groups: Groups) -> dict[str, dict[str, dict[str, dict[str, Interval | None]]]]:
+    """{scale: {looped cell: {baseline label: {metric: cost interval}}}}: every looped model against its
+    baselines."""
+    out: dict[str, dict[str, dict[str, dict[str, Interval | None]]]] = {}
+    for scale, cells in groups.items():
+        out[scale] = {}
+        for name in cells:
+            if cell_loops(cells, name) < 2:
+                continue
+            out[scale][name] = {label: {key: cost(cells[name], cells[b], key, higher) for key, _, higher in METRICS}
+                                for label, b in baselines(cells, name).items()}
+    return out
+
+
+def offset_costs(groups: Groups) -> dict[str, dict[int, dict[str, Interval | None]]]:
+    """{scale: {R: {metric: interval}}}: how much worse `parallel` is than `sequential_shared` (the CLP offset's
+    cost), paired by seed."""
+    out: dict[str, dict[int, dict[str, Interval | None]]] = {}
+    for scale, cells in groups.items():
+        rs = sorted(cell_loops(cells, n) for n in cells if n.startswith("parallel-r"))
+        out[scale] = {r: {key: cost(cells[f"parallel-r{r}"], cells[f"sequential_shared-r{r}"], key, higher)
+                          for key, _, higher in METRICS}
+                      for r in rs if f"sequential_shared-r{r}" in cells}
+    return out
+
+
+def compute(cells: dict[str, dict[int, dict[str, Any]]], name: str) -> float:
+    """Parameters times training tokens of a cell (the x axis of the gap-vs-scale plot)."""
+    m = next(iter(cells[name].values()))
+    return float(m["training"]["parameters"]) * float(m["training"]["tokens"])
+
+
+def gap_vs_scale(groups: Groups, mode: str = "parallel") -> dict[int, list[dict[str, Any]]]:
+    """{R: [{scale, parameters x tokens of the R = 1 model, test bits/byte gap R - (R = 1) with interval}]}."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for scale, cells in groups.items():
+        if "r1" not in cells:
+            continue
+        for name in cells:
+            if name.startswith(f"{mode}-r"):
+                gap = cost(cells[name], cells["r1"], "test_bpb", False)
+                out.setdefault(cell_loops(cells, name), []).append(
+                    {"scale": scale, "compute": compute(cells, "r1"), "gap": gap})
+    return out
+
+
+def average_diagnostics(seeds: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """The per-loop diagnostics of a looped cell, each measure averaged over its seeds."""
+    diags = [m["evaluation"]["diagnostics"] for m in seeds.values() if m["evaluation"].get("diagnostics")]
+    if not diags:
+        return None
+    return {key: (np.mean([np.asarray(d[key], dtype=np.float64) for d in diags], axis=0).tolist()
+                  if diags[0][key] else []) for key in diags[0]}
 
 
 def paired_difference(a: dict[str, list], b: dict[str, list]) -> tuple[float, float]:
@@ -42,72 +125,7 @@ def paired_difference(a: dict[str, list], b: dict[str, list]) -> tuple[float, fl
     return float(diff), se
 
 
-def offset_costs(by_mode: Rows) -> dict[int, dict[str, float]]:
-    """Per R: for each metric, how much worse `parallel` is than `sequential_shared` (positive = the offset costs)."""
-    par, seq = by_mode.get("parallel", {}), by_mode.get("sequential_shared", {})
-    return {r: {key: offset_cost(par[r]["evaluation"][key], seq[r]["evaluation"][key], higher)
-                for key, _, higher in METRICS}
-            for r in sorted(set(par) & set(seq))}
-
-
-def _comparison_lines(mode: str, rows: dict[int, dict[str, Any]], best: int, chosen: int,
-                      compared: dict[int, tuple[float, float]]) -> list[str]:
-    """The recommendation's reasoning: the best model, each other one against it, and the verdict."""
-    n_files = len(rows[best]["evaluation"]["test_files"]["bytes"])
-    lines = [f"Among the {mode} models, R = {best} has the lowest test bits per byte "
-             f"({rows[best]['evaluation']['test_bpb']:.4f})."]
-    for r, (diff, se) in sorted(compared.items()):
-        verdict = "within" if diff < 2 * se else "more than"
-        lines.append(f"R = {r}: {rows[r]['evaluation']['test_bpb']:.4f}, {diff:+.4f} ± {se:.4f} (one standard error "
-                     f"over {n_files} held-out files) against R = {best}: {verdict} two standard errors.")
-    if chosen != best:
-        lines.append(f"R = {chosen} is the smallest loop count within two standard errors of R = {best}, so the "
-                     f"extra loops buy no measurable gain: R = {chosen} is recommended.")
-    elif best == min(rows):
-        lines.append(f"R = {best} is also the smallest loop count trained, so it is recommended.")
-    else:
-        lines.append(f"Every smaller loop count is measurably worse, so R = {best} is recommended.")
-    return lines
-
-
-def _loop_lines(rows: dict[int, dict[str, Any]], chosen: int) -> list[str]:
-    """The per-loop measures of the recommended model, or of the smallest looped one when no loop was
-    recommended."""
-    looped = [r for r in sorted(rows) if rows[r]["evaluation"].get("diagnostics")]
-    shown = chosen if chosen in looped else (looped[0] if looped else None)
-    if shown is None:
-        return []
-    diag = rows[shown]["evaluation"]["diagnostics"]
-    lens = ", ".join(f"loop {i}: {v:.3f}" for i, v in enumerate(diag["logit_lens_loss"]))
-    updates = ", ".join(f"loop {i + 1}: {u:.3f}" for i, u in enumerate(diag["relative_update"]))
-    lines = [f"In the R = {shown} model, the loss read out after each loop is {lens} (nats per token), "
-             f"and the relative update size is {updates}."]
-    if diag["update_cosine"]:
-        cosines = ", ".join(f"loop {i + 2}: {c:+.3f}" for i, c in enumerate(diag["update_cosine"]))
-        lines.append(f"Cosine between successive updates: {cosines} (negative means a loop undoes the one before).")
-    return lines
-
-
-def recommend(by_mode: Rows, offset: dict[int, dict[str, float]]) -> dict[str, Any]:
-    """The loop count to use, by a rule fixed before any result was seen: among the `parallel` models (the
-    architecture one would deploy), the lowest test bits per byte — the most precise of the evaluations for
-    small models — but the smallest R whose test bits per byte is within two standard errors of that best one
-    (paired over held-out files), since more loops cost compute for no measurable gain. The reason gives the
-    numbers it was read from."""
-    mode = "parallel" if "parallel" in by_mode else next(iter(by_mode))
-    rows = by_mode[mode]
-    best = min(rows, key=lambda r: rows[r]["evaluation"]["test_bpb"])
-    if len(rows) == 1:
-        return {"loops": best, "best_test_bpb_loops": best, "mode": mode, "paired_differences": {},
-                "reason": f"Only R = {best} was trained: there is nothing to compare it with."}
-    best_files = rows[best]["evaluation"]["test_files"]
-    compared = {r: paired_difference(rows[r]["evaluation"]["test_files"], best_files) for r in rows if r != best}
-    within = [r for r in sorted(rows) if r < best and compared[r][0] < 2 * compared[r][1]]
-    chosen = within[0] if within else best
-    lines = _comparison_lines(mode, rows, best, chosen, compared) + _loop_lines(rows, chosen)
-    costs = {r: c["test_bpb"] for r, c in sorted(offset.items()) if r >= 2}
-    if costs:
-        listed = ", ".join(f"R = {r}: {c:+.4f}" for r, c in costs.items())
-        lines.append(f"Offset cost (test bits per byte by which parallel is worse than sequential_shared): {listed}.")
-    return {"loops": chosen, "best_test_bpb_loops": best, "mode": mode, "reason": " ".join(lines),
-            "paired_differences": {str(r): {"diff": d, "se": s} for r, (d, s) in compared.items()}}
+def seed_averaged_files(seeds: dict[int, dict[str, Any]]) -> dict[str, list]:
+    """Per held-out test file: its bits averaged over the seeds, and its bytes."""
+    files = [m["evaluation"]["test_files"] for m in seeds.values()]
+    return {"bits": np.mean([f["bits"] for f in files], axis=0).tolist(), "bytes": files[0]["bytes"]}

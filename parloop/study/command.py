@@ -1,4 +1,4 @@
-"""`parloop study`: train, evaluate and report the loop-count study from the command line."""
+"""`parloop study`: plan, estimate, train, evaluate and report the loop-count study from the command line."""
 
 from __future__ import annotations
 
@@ -12,77 +12,130 @@ from typing import Any
 import torch
 
 from parloop.config import LOOP_MODES
-from parloop.study.analysis import offset_costs, rows_by_mode
 from parloop.study.corpus import prepare_data
-from parloop.study.grid import PRESETS, STUDY_MODES, Preset, grid
-from parloop.study.report import markdown_tables, write_report
-from parloop.study.run import run_cell
+from parloop.study.estimate import Progress, format_duration
+from parloop.study.grid import PRESETS, STUDY_MODES, Preset, pick_scales
+from parloop.study.plan import Plan, estimate_times, make_plan
+from parloop.study.report import write_report
+from parloop.study.run import recipe_for, run_model
+from parloop.study.sweep import choose_learning_rates, sweep_dir
 from parloop.train.errors import USER_ERRORS, exit_code
+from parloop.train.trainer import train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default, quick = PRESETS["default"], PRESETS["quick"]
-    unset = argparse.SUPPRESS  # options whose default comes from the preset (--quick or not)
+    unset = argparse.SUPPRESS  # options whose default comes from the preset
     parser.description = (
-        "Train matched PLT models for each loop count and loop mode (same layers, width, data order, token "
-        "budget and seed), evaluate them on held-out data, measure each loop, and write report.md, results.json "
-        "and PNG plots to --out. Resumable: run the same command again to continue.")
+        "Train matched PLT models for each loop count and loop mode, with non-looped baselines (same parameters; "
+        "same compute), several seeds and model sizes, evaluate them on held-out data, measure each loop, and "
+        "write report.md (means with 95 % intervals over seeds, a recommendation by a fixed rule), results.json "
+        "and PNG plots to --out. Prints a time estimate first. Resumable: run the same command again to continue.")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory")
-    parser.add_argument("--loops", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="loop counts R to train")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=unset,
+                        help="default: CPU, about 2 h on 2 cores; quick: a smoke test in minutes; gpu: one H100, "
+                        "tens of millions of parameters on the site-packages corpus, bf16, compiled, < 30 min")
+    parser.add_argument("--quick", action="store_true", help="the same as --preset quick: for tests and smoke "
+                        "checks, not for conclusions")
+    parser.add_argument("--loops", type=int, nargs="+", default=unset,
+                        help=f"loop counts R to train (default {' '.join(map(str, default.loops))}; --quick "
+                        f"{' '.join(map(str, quick.loops))})")
     parser.add_argument("--modes", nargs="+", default=list(STUDY_MODES), choices=LOOP_MODES,
-                        help="loop modes to train (sequential_shared is parallel without the cross-loop offset)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny preset (30 stdlib files, one-layer model, a few steps): the whole grid in under "
-                        "a minute on 2 CPU cores; for tests and smoke checks, not for conclusions")
-    parser.add_argument("--budget", type=int, default=unset,
-                        help=f"training tokens per model (default {default.budget:,}; --quick {quick.budget:,})")
+                        help="loop modes to train (sequential_shared is parallel without the cross-loop offset; "
+                        "sequential is the vanilla looped transformer)")
+    parser.add_argument("--seeds", type=int, default=unset,
+                        help=f"seeds per model, 0..N-1: each sets the initial weights and the data order (default "
+                        f"{default.seeds}; --quick {quick.seeds}); at least 2 for an interval and a verdict")
+    parser.add_argument("--scales", nargs="+", default=None, metavar="SCALE",
+                        help="model sizes and token budgets to train, by name (default all of the preset's: "
+                        + "; ".join(f"{name}: {', '.join(s.name for s in p.scales)}" for name, p in PRESETS.items())
+                        + ")")
+    parser.add_argument("--no-compute-matched", dest="compute_matched", action="store_false",
+                        help="leave out the compute-matched baselines (R = 1 with R x the layers)")
+    parser.add_argument("--no-lr-sweep", dest="lr_sweep", action="store_false",
+                        help="train every model at the recipe's learning rate instead of sweeping it per model")
+    parser.add_argument("--estimate", action="store_true", help="print the plan and its time estimate, then stop")
     parser.add_argument("--data", default=unset,
-                        help="train on this existing `parloop data build` corpus instead of building one from the "
-                        "standard library (the study adds its generated programs to the train split of a copy)")
+                        help="train on this existing `parloop data build` corpus instead of building the preset's "
+                        "(the study adds its generated programs to the train split of a copy)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a field of the training recipe for every model, e.g. --set "
-                        "model.num_hidden_layers=4 --set train.lr=1e-3 (repeatable)")
-    parser.add_argument("--eval-bytes", type=int, default=unset,
-                        help=f"held-out bytes per split for bits per byte and line completion (default "
-                        f"{default.eval_bytes:,}; --quick {quick.eval_bytes:,})")
-    parser.add_argument("--programs", type=int, default=unset,
-                        help=f"held-out code-reasoning programs (default {default.programs}; --quick "
-                        f"{quick.programs})")
-    parser.add_argument("--lines", type=int, default=unset,
-                        help=f"held-out lines for line completion (default {default.lines}; --quick {quick.lines})")
-    parser.add_argument("--humaneval", type=int, default=unset,
-                        help=f"HumanEval problems, in task order (default all 164; --quick {quick.humaneval})")
+                        "model.plt_normalize_per_loop=false --set train.lr=1e-3 (the sweep's centre; repeatable)")
+    for name, what in (("eval_bytes", "held-out bytes per split for bits per byte and line completion"),
+                       ("programs", "held-out code-reasoning programs"),
+                       ("lines", "held-out lines for line completion"), ("humaneval", "HumanEval problems")):
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=unset,
+                            help=f"{what} (default {getattr(default, name)}; --quick {getattr(quick, name)})")
     parser.add_argument("--threads", type=int, default=unset,
-                        help="torch CPU threads for training and evaluation (default torch's choice; --quick 1, "
-                        "which is faster for tiny models and on a busy machine)")
+                        help="torch CPU threads for training and evaluation (default 1, faster for models this "
+                        "small, above all on a busy machine; --preset gpu: torch's choice)")
     parser.add_argument("--device", default="auto", help="device for evaluation: auto, cpu or cuda (training uses "
                         "the recipe's train.device)")
 
 
 def _preset(args: argparse.Namespace) -> Preset:
     """The chosen preset with the options given on the command line (absent ones keep the preset's value)."""
-    preset = PRESETS["quick" if args.quick else "default"]
-    chosen = {k: getattr(args, k) for k in ("budget", "eval_bytes", "programs", "lines", "humaneval", "threads")
+    preset = PRESETS["quick" if args.quick else getattr(args, "preset", "default")]
+    chosen = {k: getattr(args, k) for k in ("eval_bytes", "programs", "lines", "humaneval", "threads", "seeds")
               if hasattr(args, k)}
+    if hasattr(args, "loops"):
+        chosen["loops"] = tuple(sorted(set(args.loops)))
+    if not args.lr_sweep:
+        chosen["lr_multipliers"] = (1.0,)
     return replace(preset, **chosen)
 
 
-def _train_and_evaluate(args: argparse.Namespace, study: Path, preset: Preset,
-                        device: str) -> tuple[Path, list[dict[str, Any]]]:
-    """The training corpus and the record of every model of the grid, trained and evaluated in turn."""
-    cells = grid(args.loops, args.modes)
-    corpus, held_out = prepare_data(study, preset, getattr(args, "data", None))
+def _check(preset: Preset) -> str | None:
+    if any(r < 1 for r in preset.loops):
+        return "--loops must be >= 1"
+    if preset.seeds < 1:
+        return "--seeds must be >= 1"
+    return None
+
+
+def _train_sweep(plan: Plan, progress: Progress, study: Path, preset: Preset, corpus: Path,
+                 overrides: list[str]) -> dict[str, Any]:
+    """The learning-rate sweep's runs, then the multiplier chosen for each cell."""
+    val_bpb = {}
+    for i, run in enumerate(plan.sweep):
+        progress.start(i)
+        val_bpb[run] = train(recipe_for(run, preset, corpus, overrides), sweep_dir(study, run), resume=True)["val_bpb"]
+        progress.finish(i)
+    return choose_learning_rates(plan.cells, preset, val_bpb)
+
+
+def _train_and_evaluate(args: argparse.Namespace, study: Path, preset: Preset, plan: Plan, corpus: Path,
+                        held_out: list, device: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The sweep's choices and the record of every model of the grid, trained and evaluated in turn."""
+    names = [f"sweep {r.name} lr x{r.lr_multiplier:g}" for r in plan.sweep] + [r.name for r in plan.runs]
+    pending = [i for i in range(len(names)) if not plan.done(study, i)]
+    times = estimate_times(plan, preset, corpus, args.overrides, pending)
+    progress = Progress(names, [t.wall for t in times], pending)
+    print(f"plan: {len(plan.sweep)} learning-rate sweep runs and {len(plan.runs)} models ({len(plan.cells)} per "
+          f"scale and seed), {len(names) - len(pending)} already done. Estimated time: about "
+          f"{format_duration(sum(t.wall for t in times))} on this machine as loaded now, about "
+          f"{format_duration(sum(t.quiet for t in times))} with nothing else running (a training step of each model "
+          f"timed now; evaluations estimated)", file=sys.stderr)
+    if args.estimate:
+        return {}, []
+    sweep = _train_sweep(plan, progress, study, preset, corpus, args.overrides)
     models = []
-    for i, cell in enumerate(cells, 1):
-        print(f"[{i}/{len(cells)}] {cell.name}", file=sys.stderr)
-        models.append(run_cell(cell, study, preset, corpus, held_out, args.overrides, device))
-    return corpus, models
+    for i, run in enumerate(plan.with_learning_rates(sweep), len(plan.sweep)):
+        progress.start(i)
+        models.append(run_model(run, study, preset, corpus, held_out, args.overrides, device))
+        progress.finish(i)
+    return sweep, models
 
 
 def run(args: argparse.Namespace) -> int:
     preset = _preset(args)
-    if any(r < 1 for r in args.loops):
-        print("parloop study: error: --loops must be >= 1", file=sys.stderr)
+    problem = _check(preset)
+    try:
+        scales = pick_scales(preset, args.scales)
+    except ValueError as e:
+        problem = str(e)
+    if problem:
+        print(f"parloop study: error: {problem}", file=sys.stderr)
         return 2
     if preset.threads:
         torch.set_num_threads(preset.threads)
@@ -91,15 +144,18 @@ def run(args: argparse.Namespace) -> int:
     study.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        corpus, models = _train_and_evaluate(args, study, preset, device)
+        corpus, held_out = prepare_data(study, preset, getattr(args, "data", None))
+        plan = make_plan(preset, scales, list(args.modes), args.compute_matched)
+        sweep, models = _train_and_evaluate(args, study, preset, plan, corpus, held_out, device)
     except USER_ERRORS as e:
         return exit_code(e, "parloop study", "continue with the same command: finished models are kept")
-    settings = {"quick": args.quick, "loops": sorted(set(args.loops)), "modes": list(args.modes),
-                "overrides": list(args.overrides), "corpus": str(corpus), "preset": asdict(preset)}
-    results = write_report(study, models, args.modes, settings)
-    by_mode = rows_by_mode(models, args.modes)
-    print(markdown_tables(by_mode, offset_costs(by_mode)))
+    if args.estimate:
+        return 0
+    settings = {"preset": asdict(preset), "scales": [s.name for s in scales], "modes": list(args.modes),
+                "compute_matched": args.compute_matched, "overrides": list(args.overrides), "corpus": str(corpus)}
+    results = write_report(study, models, args.modes, sweep, settings)
     rec = results["recommendation"]
-    print(f"recommended loop count: R = {rec['loops']}. {rec['reason']}")
-    print(f"report: {study / 'report.md'}  ({time.perf_counter() - started:.0f} s)")
+    verdict = f"R = {rec['loops']}" if rec["loops"] else "no verdict"
+    print(f"recommended loop count: {verdict}. {rec['reason']}")
+    print(f"report: {study / 'report.md'}  ({format_duration(time.perf_counter() - started)})")
     return 0

@@ -19,26 +19,35 @@ from parloop.eval.lines import line_completion
 from parloop.eval.programs import Program
 from parloop.eval.reasoning import code_reasoning
 from parloop.inference.loading import load_model
-from parloop.study.grid import Cell, Preset
+from parloop.study.grid import Preset, Run
 from parloop.train.errors import RecipeError
 from parloop.train.recipe import Recipe, recipe_from_dict
 from parloop.train.trainer import train
 
 
-def recipe_for(cell: Cell, preset: Preset, corpus: Path, overrides: Sequence[str]) -> Recipe:
-    """The training recipe of one grid cell: the preset's, with this cell's loop count and mode."""
+def recipe_for(run: Run, preset: Preset, corpus: Path, overrides: Sequence[str]) -> Recipe:
+    """The training recipe of one run: the preset's with the user's overrides, at the run's scale, with its loop
+    count, mode, depth and seed; the learning rates are the recipe's times the run's multiplier."""
     train_values = dict(preset.train)
-    steps = max(1, preset.budget // (train_values["batch_size"] * train_values["seq_len"]))
+    steps = max(1, run.scale.budget // (train_values["batch_size"] * train_values["seq_len"]))
     train_values.update(max_steps=steps, warmup_steps=max(1, steps // 20),
                         eval_interval=max(1, steps // preset.validations),
-                        checkpoint_interval=max(1, steps // preset.checkpoints))
-    values = {"name": cell.name, "data": {"dir": str(corpus)},
-              "model": {**preset.model, "plt_num_loops": cell.loops, "plt_loop_mode": cell.mode},
+                        checkpoint_interval=max(1, steps // preset.checkpoints), seed=run.seed)
+    model = {**preset.model, **run.scale.model, "plt_num_loops": run.cell.loops, "plt_loop_mode": run.cell.mode}
+    model["num_hidden_layers"] = run.scale.model["num_hidden_layers"] * run.cell.depth
+    values = {"name": run.name.replace("/", "-"), "data": {"dir": str(corpus)}, "model": model,
               "train": train_values}
     recipe = recipe_from_dict(values, overrides)
-    if (recipe.model.get("plt_num_loops"), recipe.model.get("plt_loop_mode")) != (cell.loops, cell.mode):
-        raise RecipeError("--set may not change model.plt_num_loops or model.plt_loop_mode: the study sets them "
-                          "per model (use --loops and --modes)")
+    fixed = {"model.plt_num_loops": (recipe.model.get("plt_num_loops"), run.cell.loops),
+             "model.plt_loop_mode": (recipe.model.get("plt_loop_mode"), run.cell.mode),
+             "model.num_hidden_layers": (recipe.model.get("num_hidden_layers"), model["num_hidden_layers"]),
+             "train.seed": (recipe.train.seed, run.seed)}
+    changed = [k for k, (got, wanted) in fixed.items() if got != wanted]
+    if changed:
+        raise RecipeError(f"--set may not change {', '.join(changed)}: the study sets them per model (use "
+                          f"--loops, --modes, --seeds and --scales)")
+    recipe.train.lr *= run.lr_multiplier
+    recipe.train.min_lr *= run.lr_multiplier
     return recipe
 
 
@@ -91,19 +100,21 @@ def _saved_or_new_evaluation(run_dir: Path, model_dir: Path, corpus: Path, held_
     return evaluation
 
 
-def run_cell(cell: Cell, study: Path, preset: Preset, corpus: Path, held_out: Sequence[Program],
-             overrides: Sequence[str], device: str) -> dict[str, Any]:
+def run_model(run: Run, study: Path, preset: Preset, corpus: Path, held_out: Sequence[Program],
+              overrides: Sequence[str], device: str) -> dict[str, Any]:
     """Train (or resume, or reuse) and evaluate (or reuse) one model; returns its record for results.json."""
-    recipe = recipe_for(cell, preset, corpus, overrides)
-    run_dir = study / "models" / cell.name
+    run_dir = study / "models" / run.name
     started = time.perf_counter()
+    recipe = recipe_for(run, preset, corpus, overrides)
     metrics = train(recipe, run_dir, resume=True)
     settings = eval_settings(preset, recipe.train.seq_len)
     evaluation = _saved_or_new_evaluation(run_dir, Path(metrics["model_dir"]), corpus, held_out, settings, device)
-    print(f"{cell.name}: test bits/byte {evaluation['test_bpb']:.4f}, code reasoning "
+    print(f"{run.name}: test bits/byte {evaluation['test_bpb']:.4f}, code reasoning "
           f"{evaluation['code_reasoning']:.3f}, line completion {evaluation['line_completion']:.3f}, HumanEval "
           f"{evaluation['humaneval']:.3f}  ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    return {"name": cell.name, "loops": cell.loops, "mode": cell.mode, "modes": list(cell.modes),
+    return {"name": run.cell.name, "scale": run.scale.name, "seed": run.seed, "lr": recipe.train.lr,
+            "loops": run.cell.loops, "mode": run.cell.mode, "modes": list(run.cell.modes), "depth": run.cell.depth,
+            "layers": recipe.model["num_hidden_layers"],
             "training": {k: metrics.get(k) for k in ("val_bpb", "test_bpb", "train_loss", "tokens", "parameters",
                                                     "train_seconds", "tokens_per_s")},
             "evaluation": evaluation}

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import site
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -60,6 +61,46 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def site_packages_roots() -> list[Path]:
+    """The site-packages directories of this interpreter (and the user's), those that exist, without repeats."""
+    candidates = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["purelib"],
+                  sysconfig.get_paths()["platlib"]]
+    roots: list[Path] = []
+    for c in candidates:
+        path = Path(c).resolve()
+        if path.is_dir() and path not in roots:
+            roots.append(path)
+    return roots
+
+
+def _site_packages_documents(skipped: dict[str, int]) -> Iterator[Document]:
+    """The `.py` files installed in site-packages, each content once (the first by path; later copies are
+    counted in `skipped["duplicate"]`). A file's split key is its path inside site-packages, so the versions of one
+    module installed in two environments land in the same split; with exact copies removed, no text is in two
+    splits."""
+    skipped.setdefault("duplicate", 0)
+    roots = site_packages_roots()
+    paths = sorted(((p.relative_to(root).as_posix(), p) for root in roots for p in root.rglob("*.py")
+                    if p.is_file()), key=lambda item: item[0])
+    if not paths:
+        raise DataError(f"no Python files found in site-packages ({', '.join(map(str, roots)) or 'none found'})")
+    seen: set[bytes] = set()
+    for name, path in tqdm(paths, desc="reading", unit="file", leave=False):
+        text = _read_text(path)
+        if text is None:
+            skipped["not_utf8"] += 1
+            continue
+        if not text:
+            skipped["empty"] += 1
+            continue
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        if digest in seen:
+            skipped["duplicate"] += 1
+            continue
+        seen.add(digest)
+        yield Document(name, name, text)
 
 
 def _glob_base(pattern: str) -> Path:
@@ -118,13 +159,17 @@ def iter_documents(source: str, pattern: str = "*.py", text_field: str = "text",
                    skipped: dict[str, int] | None = None) -> Iterator[Document]:
     """Documents of `source` in a deterministic order.
 
-    `source` is `stdlib` (the Python standard library's own `.py` files, without site-packages), a directory
+    `source` is `stdlib` (the Python standard library's own `.py` files, without site-packages),
+    `site-packages` (the `.py` files installed for this interpreter, deduplicated by content), a directory
     (files matching `pattern`, recursively), a glob (`src/**/*.c`) or a `.jsonl` file with a `text_field`.
     Files that are not UTF-8 text and empty documents are skipped and counted in `skipped`.
     """
     skipped = {"not_utf8": 0, "empty": 0} if skipped is None else skipped
     skipped.setdefault("not_utf8", 0)
     skipped.setdefault("empty", 0)
+    if source == "site-packages":
+        yield from _site_packages_documents(skipped)
+        return
     if source == "stdlib":
         root = stdlib_root()
         paths = [p for p in root.rglob("*.py")
@@ -258,7 +303,8 @@ def build_corpus(source: str, out_dir: str | Path, vocab_size: int = 8192, val_f
     """
     _check_settings(vocab_size, val_fraction, test_fraction)
     out = Path(out_dir)
-    source_id = str(stdlib_root()) if source == "stdlib" else os.path.abspath(source)
+    source_id = {"stdlib": str(stdlib_root()), "site-packages": ":".join(map(str, site_packages_roots()))}.get(
+        source, os.path.abspath(source))
     settings = {"source": source_id, "pattern": pattern, "text_field": text_field, "vocab_size": vocab_size,
                 "val_fraction": val_fraction, "test_fraction": test_fraction}
     existing = _existing_corpus(out, settings, force)
@@ -353,7 +399,8 @@ def summary_table(meta: dict[str, Any]) -> str:
                     f"{s['bytes'] / max(s['tokens'], 1):>12.2f}")
     skipped = meta.get("skipped", {})
     if any(skipped.values()):
-        rows.append(f"skipped: {skipped.get('not_utf8', 0)} not UTF-8 text, {skipped.get('empty', 0)} empty")
+        rows.append(f"skipped: {skipped.get('not_utf8', 0)} not UTF-8 text, {skipped.get('empty', 0)} empty"
+                    + (f", {skipped['duplicate']} duplicates" if skipped.get("duplicate") else ""))
     return "\n".join(rows)
 
 
@@ -364,7 +411,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "on the training split and write token ids to memory-mapped .bin files.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     build.add_argument("--source", default="stdlib",
-                       help="'stdlib' (the Python standard library's sources), a directory, a glob such as "
+                       help="'stdlib' (the Python standard library's sources), 'site-packages' (the Python "
+                       "files installed for this interpreter, each content once), a directory, a glob such as "
                        "'src/**/*.py', or a .jsonl file")
     build.add_argument("--out", default="runs/data/stdlib", help="output corpus directory")
     build.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, special tokens included")

@@ -57,6 +57,7 @@ class TrainRecipe:
     gradient_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; auto = bfloat16 on capable GPUs
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False  # torch.compile the model for training (worth it on GPUs)
     seed: int = 0
     log_interval: int = 10
     eval_interval: int = 100

@@ -93,6 +93,8 @@ class Trainer:
         if t.gradient_checkpointing:
             self.raw_model.gradient_checkpointing_enable()
         self.parameters = sum(p.numel() for p in self.raw_model.parameters())
+        if t.compile:
+            self.raw_model.compile()  # in place: parameter names and checkpoints stay those of the eager model
         self.model = parallelize(self.raw_model, world, recipe.distributed.strategy)
         self.optimizer, self.scheduler = build_optimizer(self.model, t)
         self.step = 0

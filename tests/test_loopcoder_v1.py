@@ -261,7 +261,7 @@ def test_load_model_and_the_server_decode_it(tmp_path: Path) -> None:
     with torch.no_grad():
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
-    with TestClient(create_app(Engine(model), tokenizer, "v1")) as client:
+    with TestClient(create_app(Engine(model), tokenizer, "v1"), base_url="http://localhost") as client:
         reply = client.post("/v1/completions", json={"model": "v1", "prompt": prompt, "max_tokens": 5,
                                                      "temperature": 0})
     assert reply.status_code == 200

@@ -1,22 +1,32 @@
-"""CPU matrix products with a handful of rows: the decode step of stacked loop streams.
+"""Decode-step kernels: CPU matrix products with a handful of rows, and the compiled (CUDA-graphed) layer stack.
 
 A `parallel` decode step multiplies every weight matrix by R rows (one per loop stream) instead of one. The step is
 bound by reading the weights, so R rows should cost what one row costs. On CPU BLAS libraries they often do not:
 which call streams a weight fastest for 1-7 rows depends on the shape, the thread count and the CPU (measured on a
 2-core AMD EPYC with MKL: `x @ W.T` with 2 rows took up to 4x its 1-row time, `W @ x.T` was flat for 768x768 but
-not for 768x2048, where one matrix-vector product per row was). So, like cuDNN's benchmark mode, the first product
-of each (shape, rows, dtype, threads) are spread over the candidate layouts, timed, and the fastest is kept.
+not for 768x2048, where one matrix-vector product per row was). So, like cuDNN's benchmark mode, the first products
+of each (shape, rows, dtype, threads) are spread over the candidate layouts, timed, and the fastest is kept; unlike
+it, the choice is then re-checked at a falling rate against the other layouts in back-to-back pairs of real calls,
+and changed when most recent pairs say so, so that a burst of load during the first calls cannot lock in a bad one.
+
+On a GPU the same step is launch-bound, not bandwidth-bound, unless its kernels are replayed from a CUDA graph:
+`compile_step` compiles the layer stack with `torch.compile(mode="reduce-overhead")` there (docs/design.md §3).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from parloop.cache import PLTCache
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [M, K], W [N, K]) -> [M, N]
 
@@ -41,9 +51,86 @@ def _paired(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 CANDIDATES: dict[str, Product] = {"linear": _linear, "weight_first": _weight_first, "row_by_row": _row_by_row,
                                   "paired": _paired}
-TRIALS = 4  # timed calls per candidate before choosing
-_trials: dict[tuple, dict[str, list[float]]] = {}
-_chosen: dict[tuple, str] = {}
+TRIALS = 4  # timed calls per candidate before the first choice
+CHECK_PAIRS = 5  # back-to-back (challenger, choice) pairs whose median time ratio decides a switch
+SWITCH_BELOW = 0.9  # switch when the challenger's median time is below this fraction of the choice's
+clock: Callable[[], float] = time.perf_counter  # what times the calls (a variable, so tests can simulate load)
+FIRST_GAP, LAST_GAP = 4, 256  # calls between checks: from FIRST_GAP, doubled after each confirmation up to LAST_GAP
+
+
+@dataclass
+class LayoutTuner:
+    """The layout choice for one (weight shape, rows, dtype, threads), made and re-checked from timed real calls.
+
+    The caller asks `next_name()` which layout to run and whether to time it, and hands the time to `record()`.
+    Each other layout (challenger) is re-checked in a pair of back-to-back calls, itself and the choice, whose order
+    alternates so that load changing between the two favours neither; the choice switches when the median time
+    ratio of the challenger's last `CHECK_PAIRS` pairs is below `SWITCH_BELOW`. While the choice is no slower, that
+    challenger is checked half as often as before, so a clearly worse layout costs little once the choice is sure.
+    """
+
+    names: tuple[str, ...]
+    trials: dict[str, list[float]] = field(default_factory=dict)
+    best: str | None = None
+    ratios: dict[str, deque[float]] = field(default_factory=dict)  # challenger time / choice time, recent pairs
+    gaps: dict[str, int] = field(default_factory=dict)  # calls between checks, per challenger
+    due: dict[str, int] = field(default_factory=dict)  # the call at which each challenger is checked next
+    calls: int = 0
+    pair: list[str] = field(default_factory=list)  # the names the next calls run, timed, in a check
+    pair_times: dict[str, float] = field(default_factory=dict)
+    checks: int = 0
+    switches: int = 0
+
+    def __post_init__(self) -> None:
+        self.trials = {n: [] for n in self.names}
+
+    def _settle(self, best: str) -> None:
+        self.best = best
+        challengers = [n for n in self.names if n != best]
+        self.ratios = {n: deque(maxlen=CHECK_PAIRS) for n in challengers}
+        self.gaps = dict.fromkeys(challengers, FIRST_GAP)
+        self.due = {n: self.calls + FIRST_GAP + i for i, n in enumerate(challengers)}
+
+    def next_name(self) -> tuple[str, bool]:
+        """The layout of the next call, and whether to time it."""
+        self.calls += 1
+        if self.best is None:
+            return min(self.trials, key=lambda n: len(self.trials[n])), True
+        if self.pair:
+            return self.pair.pop(), True
+        challenger = min(self.due, key=self.due.__getitem__, default=None)
+        if challenger is None or self.due[challenger] > self.calls:
+            return self.best, False
+        self.pair = [self.best, challenger] if self.checks % 2 else [challenger, self.best]
+        self.pair_times, self.checks = {}, self.checks + 1
+        return self.pair.pop(), True
+
+    def record(self, name: str, seconds: float) -> None:
+        """The time of a call that `next_name` asked to time."""
+        if self.best is None:
+            self.trials[name].append(seconds)
+            if all(len(t) >= TRIALS for t in self.trials.values()):
+                self._settle(min(self.trials, key=lambda n: statistics.median(self.trials[n])))
+                self.trials = {}
+            return
+        self.pair_times[name] = seconds
+        if len(self.pair_times) == 2:
+            self._judge(next(n for n in self.pair_times if n != self.best))
+
+    def _judge(self, challenger: str) -> None:
+        ratios = self.ratios[challenger]
+        ratios.append(self.pair_times[challenger] / max(self.pair_times[self.best], 1e-9))
+        median = statistics.median(ratios)
+        if len(ratios) == CHECK_PAIRS and median < SWITCH_BELOW:
+            self.switches += 1
+            self._settle(challenger)
+            return
+        # no slower than the challenger: check it less often; else keep looking often until the evidence is in
+        self.gaps[challenger] = min(2 * self.gaps[challenger], LAST_GAP) if median >= 1 else FIRST_GAP
+        self.due[challenger] = self.calls + self.gaps[challenger]
+
+
+_tunings: dict[tuple, LayoutTuner] = {}
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -51,28 +138,31 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     The candidates are timed on the real calls (round robin, `TRIALS` each), not in a loop of their own: a weight
     multiplied again and again stays in the CPU cache, while in a decode step every weight streams from memory,
-    and the two favour different layouts. Layouts sum in different orders, so until the choice is made, repeated
-    calls can differ in the last bits (as results do across BLAS builds or thread counts).
+    and the two favour different layouts. Layouts sum in different orders, so calls can differ in the last bits
+    whenever the layout changes (as results do across BLAS builds or thread counts).
     """
     key = (tuple(weight.shape), x.shape[0], x.dtype, torch.get_num_threads())
-    name = _chosen.get(key)
-    if name is not None:
+    tuning = _tunings.get(key)
+    if tuning is None:
+        names = ("linear", "paired") if x.shape[0] == 1 else ("linear", "weight_first", "row_by_row")
+        tuning = _tunings[key] = LayoutTuner(names)
+    name, timed = tuning.next_name()
+    if not timed:
         return CANDIDATES[name](x, weight)
-    names = ("linear", "paired") if x.shape[0] == 1 else ("linear", "weight_first", "row_by_row")
-    trials = _trials.setdefault(key, {n: [] for n in names})
-    name = min(trials, key=lambda n: len(trials[n]))
-    start = time.perf_counter()
+    start = clock()
     out = CANDIDATES[name](x, weight)
-    trials[name].append(time.perf_counter() - start)
-    if all(len(t) >= TRIALS for t in trials.values()):
-        _chosen[key] = min(trials, key=lambda n: statistics.median(trials[n]))
-        del _trials[key]
+    tuning.record(name, clock() - start)
     return out
 
 
 def chosen_layouts() -> dict[tuple, str]:
-    """What `few_rows_linear` picked so far, keyed by (weight shape, rows, dtype, threads): for benchmarks' notes."""
-    return dict(_chosen)
+    """What `few_rows_linear` uses now, keyed by (weight shape, rows, dtype, threads): for benchmarks' notes."""
+    return {key: t.best for key, t in _tunings.items() if t.best is not None}
+
+
+def layout_switches() -> dict[tuple, int]:
+    """How often each choice of `few_rows_linear` was changed after re-checking (same keys as `chosen_layouts`)."""
+    return {key: t.switches for key, t in _tunings.items() if t.best is not None}
 
 
 class FewRowLinear(nn.Linear):
@@ -107,9 +197,45 @@ def use_few_row_kernels(model: nn.Module) -> nn.Module:
     return model
 
 
-def compile_step(fn: Callable, **compile_kwargs) -> Callable:
-    """`torch.compile` a one-token decode step whose shapes never change (a static cache)."""
+class CompiledStep:
+    """A one-token decode step `fn(h, ..., store, step) -> h` over a static cache, compiled once per device type.
+
+    On CUDA the mode defaults to "reduce-overhead": Inductor's fused kernels, replayed from a CUDA graph, so a step
+    costs a few launches instead of hundreds (a 100M model's step is ~1 % of an H100's bandwidth when every op is
+    launched on its own). The graph writes the cache in place, which cudagraphs allow only for inputs at a fixed
+    address, so every buffer of a `PLTCache` argument is marked static (a store keeps buffers only, design §3; a
+    buffer replaced later, e.g. by `reorder_cache`, makes the graph re-record). The result is copied out of the
+    graph's memory, which its next replay overwrites.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], **compile_kwargs: Any) -> None:
+        self.fn, self.compile_kwargs = fn, compile_kwargs
+        self.compiled: dict[str, Callable[..., torch.Tensor]] = {}
+
+    def _for(self, device: torch.device) -> Callable[..., torch.Tensor]:
+        compiled = self.compiled.get(device.type)
+        if compiled is None:
+            kwargs = dict(self.compile_kwargs)
+            if device.type == "cuda" and "options" not in kwargs:
+                kwargs.setdefault("mode", "reduce-overhead")
+            compiled = self.compiled[device.type] = torch.compile(self.fn, dynamic=False, **kwargs)
+        return compiled
+
+    def __call__(self, h: torch.Tensor, *args: Any) -> torch.Tensor:
+        compiled = self._for(h.device)
+        if h.device.type != "cuda":
+            return compiled(h, *args)
+        for store in args:
+            if isinstance(store, PLTCache):
+                for buffer in vars(store).values():
+                    if isinstance(buffer, torch.Tensor):
+                        torch._dynamo.mark_static_address(buffer)
+        return compiled(h, *args).clone()
+
+
+def compile_step(fn: Callable[..., torch.Tensor], **compile_kwargs: Any) -> CompiledStep:
+    """`torch.compile` a one-token decode step whose shapes never change (a static cache), as a `CompiledStep`."""
     # Dynamo caches compiled graphs per code object, so every model in a process (and every loop index of the
     # sequential modes) shares the step's budget of recompilations; past it, decoding silently runs eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(fn, dynamic=False, **compile_kwargs)
+    return CompiledStep(fn, **compile_kwargs)

@@ -4,12 +4,15 @@ and plots, the shared weights of every row and the reference, and its errors. No
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
+from transformers import DynamicCache, StaticCache
 
-from parloop.bench.models import build_plt, build_reference, plt_config
-from parloop.bench.options import PRESETS
+from parloop.bench.models import CompiledDecode, build_plt, build_reference, plt_config
+from parloop.bench.options import PRESETS, BenchOptions
+from parloop.bench.timing import time_decode
 from parloop.cli import main
 from parloop.kernels import CANDIDATES
 
@@ -143,6 +146,46 @@ def test_rows_report_the_cpu_layouts_their_decode_step_used(tmp_path, capsys):
     assert any("rows=2" in key for key in by["parallel", 2])
     assert all("rows=1" in key for key in by["sequential", 2])
     assert "CPU layouts" in capsys.readouterr().out
+    # the autotuner re-checks its choices while rows are timed; each row says how often it changed one
+    assert all(isinstance(r["cpu_layout_switches"], int) and r["cpu_layout_switches"] >= 0 for r in result["rows"])
+    assert len(result["machine"]["load"]) == 3
+
+
+def test_compile_is_the_default_on_cuda_only():
+    assert BenchOptions().compiled_on(torch.device("cuda")) and not BenchOptions().compiled_on(torch.device("cpu"))
+    assert BenchOptions(compile=True).compiled_on(torch.device("cpu"))
+    assert not BenchOptions(compile=False).compiled_on(torch.device("cuda"))
+
+
+def test_compiled_reference_decodes_one_token_steps_through_its_compiled_call():
+    shape = PRESETS["tiny"]
+    base = build_plt(plt_config(shape, 1, "parallel", 4, 64), None, seed=0)
+    llama = build_reference(base.config, base.state_dict())
+    stepper = CompiledDecode(llama)
+    lengths = []
+
+    def compiled(input_ids, **kwargs):  # stands in for the torch.compile'd call (no compiling in a unit test)
+        lengths.append(input_ids.shape[1])
+        return llama(input_ids=input_ids, **kwargs)
+
+    stepper.compiled = compiled
+    prompt = torch.randint(shape["vocab_size"], (2, 10))
+    static = time_decode(stepper, partial(StaticCache, config=llama.config, max_cache_len=24), prompt, 2, 3)
+    dynamic = time_decode(llama, partial(DynamicCache, config=llama.config), prompt, 2, 3)
+    assert lengths == [1] * (1 + 2 + 3)  # the throwaway run's step, then warm-up and timed steps; prefills eager
+    assert static.cache.get_seq_length() == dynamic.cache.get_seq_length() == 10 + 2 + 3
+    torch.testing.assert_close(static.cache.layers[0].keys[:, :, :15], dynamic.cache.layers[0].keys)
+
+
+def test_compiled_rows_use_static_caches_and_the_static_reference(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the plumbing, not Inductor: run eager
+    result = bench(tmp_path, "--loops", "1", "2", "--modes", "parallel", "sequential_shared", "--context", "8",
+                   "--compile")
+    assert result["machine"]["compiled"] and result["reference"]["cache"] == "static, compiled"
+    for row in result["rows"]:
+        assert row["cpu_layouts"] is None and row["decode_ms_per_token"] > 0
+        assert row["kv_cache_bytes"] == row["kv_cache_bytes_formula"]
+    assert "static, compiled cache" in capsys.readouterr().out
 
 
 def test_errors_say_what_to_change(capsys):

@@ -52,9 +52,11 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--context", type=_positive_int, default=512, help="prompt tokens prefilled before decoding")
     what.add_argument("--new-tokens", type=_positive_int, default=32, help="timed decode steps per row")
     what.add_argument("--warmup", type=int, default=10, help="untimed decode steps before the timed ones")
-    what.add_argument("--compile", action="store_true",
-                      help="decode with a static cache and the layer stack compiled by torch.compile (the "
-                           "first call per model compiles, off the clock)")
+    what.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                      help="decode with a static cache and the layer stack compiled by torch.compile, replayed from "
+                           "CUDA graphs on a GPU (the first calls per model compile, off the clock); the reference "
+                           "then decodes with transformers' static cache and compiled forward (default: on with "
+                           "--device cuda, off on CPU)%(default).0s")
     what.add_argument("--repeat-reversed", action="store_true",
                       help="measure every row a second time, in reverse order, and report per row how far apart "
                            "the two medians are (spread %%): a large spread is noise, not a difference between rows")
@@ -87,7 +89,9 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Decode latency is the median of --new-tokens single-token forward calls after --warmup "
                      "ones, with the cache prefilled by a random prompt of --context tokens; every model uses "
-                     "the same random weights. Timings depend on what else runs on the machine.")
+                     "the same random weights. Timings depend on what else runs on the machine. On a GPU, e.g. "
+                     "--device cuda --dtype bfloat16 --preset 1b --modes parallel sequential_shared --sweep "
+                     "--sweep-loops 1 2 3 4 --sweep-batches 1 16 --sweep-contexts 512 (then --preset 100m).")
     _add_model_arguments(parser)
     _add_measure_arguments(parser)
     _add_output_arguments(parser)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from parloop.kernels import chosen_layouts
+from parloop.kernels import chosen_layouts, layout_switches
 
 ProductKey = tuple[tuple[int, ...], int, torch.dtype, int]  # the autotuner's key: weight shape, rows, dtype, threads
 
@@ -25,6 +25,11 @@ def describe(key: ProductKey) -> str:
 def all_chosen() -> dict[str, str]:
     """Every layout the autotuner has chosen in this process."""
     return {describe(key): name for key, name in chosen_layouts().items()}
+
+
+def switch_count() -> int:
+    """How often the autotuner has changed a layout so far in this process (after re-checking a choice)."""
+    return sum(layout_switches().values())
 
 
 def _products_of_one_step(model: nn.Module, new_cache: Callable[[], Any], prompt: torch.Tensor) -> set[ProductKey]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
 from parloop.config import PLTConfig
 from parloop.model import PLTForCausalLM
@@ -40,3 +40,17 @@ def build_reference(config: PLTConfig, state: dict[str, torch.Tensor]) -> nn.Mod
     llama = LlamaForCausalLM(LlamaConfig(**{k: getattr(config, k) for k in _LLAMA_FIELDS}, attn_implementation="sdpa"))
     llama.load_state_dict({k: v for k, v in state.items() if ".plt_gate." not in k}, strict=True)
     return llama.eval()
+
+
+class CompiledDecode(nn.Module):
+    """`transformers`' own fastest decode for `model`: one-token steps through its compiled call (what `generate`
+    uses with a static cache: `torch.compile(mode="reduce-overhead")`, CUDA graphs on a GPU), the prefill eager."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.compiled = model.get_compiled_call(CompileConfig())
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> object:
+        call = self.compiled if input_ids.shape[1] == 1 else self.model
+        return call(input_ids=input_ids, **kwargs)

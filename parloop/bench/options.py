@@ -53,13 +53,16 @@ class BenchOptions:
     sweep_batches: Sequence[int] = SWEEP_BATCHES
     sweep_contexts: Sequence[int] = SWEEP_CONTEXTS
     bandwidth_mb: int = 512
-    compile: bool = False
+    compile: bool | None = None  # static cache + compiled decode step (CUDA graphs on a GPU); None: on CUDA only
     repeat_reversed: bool = False  # measure every row again, in reverse order, and report the spread
 
     def model_shape(self) -> dict[str, int]:
         if self.preset not in PRESETS:
             raise BenchError(f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
         return {**PRESETS[self.preset], **self.shape}
+
+    def compiled_on(self, device: torch.device) -> bool:
+        return self.compile if self.compile is not None else device.type == "cuda"
 
     def points(self) -> list[tuple[int, int, int]]:
         """(loops, batch, context) to measure. A sweep is loops x batches at `context` plus loops x contexts at

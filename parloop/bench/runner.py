@@ -10,6 +10,7 @@ its own `generate`.
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict
 from functools import partial
@@ -17,11 +18,11 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from parloop.bench.bandwidth import measure_memory_bandwidth
-from parloop.bench.layouts import all_chosen, step_layouts
-from parloop.bench.models import build_plt, build_reference, plt_config
+from parloop.bench.layouts import all_chosen, step_layouts, switch_count
+from parloop.bench.models import CompiledDecode, build_plt, build_reference, plt_config
 from parloop.bench.options import DTYPES, BenchOptions, check_options
 from parloop.bench.timing import significant, time_decode, time_generate
 from parloop.bench.traffic import decode_step_bytes, kv_cache_bytes_formula
@@ -36,6 +37,7 @@ class _Measurer:
     def __init__(self, options: BenchOptions, device: torch.device, bandwidth_gbs: float) -> None:
         self.options, self.device, self.bandwidth_gbs = options, device, bandwidth_gbs
         self.dtype = DTYPES[options.dtype]
+        self.compile = options.compiled_on(device)
         self.vocab_size = options.model_shape()["vocab_size"]
         self.prompts: dict[tuple[int, int], torch.Tensor] = {}
         # decode steps are timed with this many tokens after the prompt on average (what the attention reads)
@@ -62,40 +64,59 @@ class _Measurer:
         o = self.options
         prompt = self.prompt(o.batch, o.context)
         llama = build_reference(base.config, base_state).to(device=self.device, dtype=self.dtype)
-        timing = time_decode(llama, partial(DynamicCache, config=llama.config), prompt, o.warmup, o.new_tokens)
+        if self.compile:  # transformers' fastest path: static cache, compiled forward (CUDA graphs on a GPU)
+            total = o.context + o.warmup + o.new_tokens
+            stepper, new_cache = CompiledDecode(llama), partial(StaticCache, config=llama.config, max_cache_len=total)
+            base.compile_decode()
+        else:
+            stepper, new_cache = llama, partial(DynamicCache, config=llama.config)
+        timing = time_decode(stepper, new_cache, prompt, o.warmup, o.new_tokens)
         step_bytes = decode_step_bytes(llama, "parallel", 1, o.batch, o.context + self.mid_length, 0)
-        return dict(model="transformers.LlamaForCausalLM", batch=o.batch, context=o.context,
+        generate = partial(time_generate, prompt=prompt, warmup=o.warmup, steps=o.new_tokens, static=self.compile)
+        return dict(model="transformers.LlamaForCausalLM", cache="static, compiled" if self.compile else "dynamic",
+                    batch=o.batch, context=o.context,
                     new_tokens=o.new_tokens, params=sum(p.numel() for p in llama.parameters()),
                     decode_ms_per_token=significant(timing.decode_ms), **timing.spread(),
                     prefill_ms=significant(timing.prefill_ms),
-                    generate_ms_per_token=significant(time_generate(llama, prompt, o.warmup, o.new_tokens)),
-                    plt_r1_generate_ms_per_token=significant(time_generate(base, prompt, o.warmup, o.new_tokens)),
+                    generate_ms_per_token=significant(generate(llama)),
+                    plt_r1_generate_ms_per_token=significant(generate(base)),
                     **self.achieved(step_bytes, timing.decode_ms))
 
     def row(self, model: PLTForCausalLM, batch: int, context: int) -> dict[str, Any]:
         o, config = self.options, model.config
         mode, loops = config.plt_loop_mode, config.plt_num_loops
         total = context + o.warmup + o.new_tokens
-        if o.compile:
+        if self.compile and model.model.compiled_layers is None:
             model.compile_decode()  # compiled once per model; the throwaway call in time_decode compiles it
-        new_cache = partial(PLTCache, config, max_length=total, static=o.compile)
+        new_cache = partial(PLTCache, config, max_length=total, static=self.compile)
         prompt = self.prompt(batch, context)
+        switches = switch_count()
         timing = time_decode(model, new_cache, prompt, o.warmup, o.new_tokens)
+        switches = switch_count() - switches
         step_bytes = decode_step_bytes(model, mode, loops, batch, context + self.mid_length, o.window)
         # few-row layouts are a CPU eager matter; hooks on a compiled model would make it recompile
-        few_row = self.device.type == "cpu" and not o.compile
+        few_row = self.device.type == "cpu" and not self.compile
         return dict(mode=mode, loops=loops, batch=batch, context=context, new_tokens=o.new_tokens,
                     params=used_parameters(model),
                     decode_ms_per_token=significant(timing.decode_ms), **timing.spread(),
                     prefill_ms=significant(timing.prefill_ms), kv_cache_bytes=timing.cache.kv_cache_bytes(),
                     kv_cache_bytes_formula=kv_cache_bytes_formula(config, batch, total, self.dtype.itemsize),
                     ratio_to_r1=None, **self.achieved(step_bytes, timing.decode_ms),
-                    cpu_layouts=step_layouts(model, new_cache, prompt) if few_row else None)
+                    cpu_layouts=step_layouts(model, new_cache, prompt) if few_row else None,
+                    cpu_layout_switches=switches if few_row else None)
+
+
+def _load() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none): how busy the machine was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _machine(device: torch.device, bandwidth_gbs: float) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
-    return dict(memory_bandwidth_gbs=significant(bandwidth_gbs), threads=torch.get_num_threads(),
+    return dict(memory_bandwidth_gbs=significant(bandwidth_gbs), threads=torch.get_num_threads(), load=_load(),
                 torch_version=torch.__version__, device=str(device), device_name=name)
 
 
@@ -168,7 +189,8 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     `mode, loops, batch, context, new_tokens, params, decode_ms_per_token (median), decode_ms_p10, decode_ms_p90,
     prefill_ms, kv_cache_bytes (from the cache), kv_cache_bytes_formula (docs/design.md §3), ratio_to_r1,
     bytes_per_step, achieved_gbs, achieved_bandwidth_pct, cpu_layouts` (the few-row product layouts a CPU decode
-    step used, None on GPUs and compiled); with `repeat_reversed`, also `decode_ms_reversed` (the median of a
+    step used, None on GPUs and compiled), cpu_layout_switches` (how often the autotuner changed a layout during the
+    row's timing); with `repeat_reversed`, also `decode_ms_reversed` (the median of a
     second pass in reverse order) and `order_spread_pct`.
     """
     device = check_options(options)
@@ -195,6 +217,8 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
 
     _add_ratios(rows)
     machine["cpu_few_row_layouts"] = all_chosen()
+    machine["load_after"] = _load()
+    machine["compiled"] = measurer.compile
     _compare_to_reference(reference, _r1_row(rows, options.batch, options.context))
     model_info = dict(preset=options.preset, **shape, head_dim=base.config.head_dim, tie_word_embeddings=True,
                       window=options.window, dtype=options.dtype, params_r1=used_parameters(base))

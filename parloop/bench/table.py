@@ -14,7 +14,8 @@ COLUMNS = [("mode", "mode", "{}"), ("R", "loops", "{}"), ("batch", "batch", "{}"
            ("= formula", "kv_cache_bytes_formula", "{}"), ("GB/s", "achieved_gbs", "{:.1f}"),
            ("% bw", "achieved_bandwidth_pct", "{:.1f}")]
 # columns shown only when some row has a value for them
-OPTIONAL_COLUMNS = [("spread %", "order_spread_pct", "{:.1f}"), ("CPU layouts", "cpu_layouts", "{}")]
+OPTIONAL_COLUMNS = [("spread %", "order_spread_pct", "{:.1f}"), ("CPU layouts", "cpu_layouts", "{}"),
+                    ("switches", "cpu_layout_switches", "{}")]
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -45,7 +46,8 @@ def _model_line(result: dict[str, Any]) -> str:
 
 def _reference_line(ref: dict[str, Any]) -> str:
     r1_ratio = "-" if ref["r1_over_reference"] is None else f"{ref['r1_over_reference']:.2f}"
-    return (f"reference: transformers LlamaForCausalLM, same weights as R=1 (batch {ref['batch']}, context "
+    return (f"reference: transformers LlamaForCausalLM, same weights as R=1, {ref['cache']} cache (batch "
+            f"{ref['batch']}, context "
             f"{ref['context']}): {ref['decode_ms_per_token']:.2f} ms/tok by the same forward loop "
             f"({ref['achieved_bandwidth_pct']:.1f} % bw), {ref['generate_ms_per_token']:.2f} ms/tok through "
             f"generate; R=1 / reference = {r1_ratio} (forward loop), "
@@ -54,8 +56,12 @@ def _reference_line(ref: dict[str, Any]) -> str:
 
 
 def _machine_line(mach: dict[str, Any]) -> str:
+    load = "" if mach.get("load") is None else (f", load average {mach['load'][0]:.2f} before / "
+                                               f"{mach['load_after'][0]:.2f} after")
+    compiled = ", decode compiled (CUDA graphs on a GPU)" if mach.get("compiled") else ""
     return (f"machine: {mach['device']} ({mach['device_name']}), {mach['threads']} threads, torch "
-            f"{mach['torch_version']}, memory bandwidth {mach['memory_bandwidth_gbs']:.1f} GB/s (tensor copy)")
+            f"{mach['torch_version']}, memory bandwidth {mach['memory_bandwidth_gbs']:.1f} GB/s (tensor copy)"
+            f"{load}{compiled}")
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -85,12 +85,14 @@ class _StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def time_generate(model: nn.Module, prompt: torch.Tensor, warmup: int, steps: int) -> float:
-    """Median ms per token of greedy `model.generate` with its own cache: time between consecutive new tokens
-    (everything generate does per token), skipping the prefill's token and `warmup` steps."""
+def time_generate(model: nn.Module, prompt: torch.Tensor, warmup: int, steps: int, static: bool = False) -> float:
+    """Median ms per token of greedy `model.generate` with its own cache (`static`: its static cache, which
+    `transformers` compiles on a GPU): time between consecutive new tokens (everything generate does per token),
+    skipping the prefill's token and `warmup` steps."""
     clock = _StepClock(synchronizer(prompt.device))
     n = warmup + steps + 1
     model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                   do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]))
+                   do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]),
+                   cache_implementation="static" if static else None)
     gaps = [(b - a) * 1e3 for a, b in zip(clock.times[:-1], clock.times[1:], strict=True)]
     return statistics.median(gaps[warmup:])

@@ -41,11 +41,13 @@ def _direction(diff: float) -> str:
 def _single_seed_lines(diff: float) -> list[str]:
     a, b = PROJECT_SEED_SPREAD["val_bpb"]
     spread = abs(a - b)
-    size = "smaller than" if abs(diff) < spread else "of the same order as"
+    size = ("smaller than that spread" if abs(diff) < spread else
+            f"{abs(diff) / spread:.1f} times that spread, but one pair of runs and one measured spread are too few "
+            "to call it settled")
     return [f"R = 2 scored {abs(diff):.4f} bits per byte {_direction(diff)} than R = 1 in this run (one seed each).",
             f"One seed cannot tell whether that is the loop count or chance: with {PROJECT_SEED_SPREAD['recipe']} "
             f"the project trained R = 1 with seeds 0 and 1 and got {a:.4f} and {b:.4f} val bpb, a spread of "
-            f"{spread:.4f} from the seed alone; this difference is {size} that spread.",
+            f"{spread:.4f} from the seed alone; this difference is {size}.",
             "`--seeds 2` trains a second pair (twice the training time) and measures the spread on your run."]
 
 
@@ -80,10 +82,10 @@ def scale_lines(models: Sequence[dict[str, Any]], bigram: dict[str, float]) -> l
     m = models[0]
     ratio = m["tokens"] / m["parameters"]
     bpbs = [x["val_bpb"] for x in models]
-    return [f"At this scale: {m['parameters'] / 1e6:.2f}M parameters trained on {m['tokens'] / 1e6:.2f}M tokens, "
-            f"{ratio:.1f} tokens per parameter (compute-optimal training uses about "
+    return [f"At this scale: {m['parameters']:,} parameters trained on {m['tokens']:,} tokens, "
+            f"{ratio:.2f} tokens per parameter (compute-optimal training uses about "
             f"{COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER}).",
-            f"A table of which token follows which, counted from the same {m['tokens'] / 1e6:.2f}M training tokens "
+            f"A table of which token follows which, counted from the same {m['tokens']:,} training tokens "
             f"('bigram counts'), scores {bigram['val_bpb']:.4f} val bpb; the models score {min(bpbs):.4f} to "
             f"{max(bpbs):.4f}. Models this small and this briefly trained say little about large ones.",
             "For matched models with several seeds, 95 % intervals, compute-matched baselines and more than one "
@@ -94,6 +96,6 @@ def timing_lines(models: Sequence[dict[str, Any]], load: float, cores: int) -> l
     """Speed, labelled as what it is: wall-clock time on this machine, with how busy the machine was (`load`: the
     1-minute load average when training ended)."""
     speed = {m["plt_num_loops"]: m["tokens_per_s"] for m in models if m["seed"] == models[0]["seed"]}
-    return [f"'wall tok/s' and 'wall min' are wall-clock training figures on this machine (R = 2 took "
-            f"{speed[1] / speed[2]:.2f}x as long per token as R = 1); other programs running at the same time "
-            f"stretch them: the load average was {load:.1f} on {cores} cores when training ended."]
+    return [f"'wall tok/s' and 'wall min' are wall-clock training figures on this machine (per token, R = 2 took "
+            f"{speed[1] / speed[2]:.2f} times as long as R = 1); other programs running at the same time stretch "
+            f"them: the load average was {load:.1f} on {cores} cores when training ended."]

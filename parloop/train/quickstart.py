@@ -200,8 +200,8 @@ def _sections(args: argparse.Namespace, runs: list[tuple[Recipe, Path]], steps: 
                  if args.source == "stdlib" else "results: bits per byte on held-out files (lower is better)")
     summary = report(models, runs, args.run_dir)
     steps.header(f"samples: each seed-{first.seed} model continues {args.prompt!r} (temperature 0.8, seed 0)")
-    print("A model this small and this briefly trained has learned the look of Python, not how to write it; "
-          "read these as a picture of what it has picked up, not as code.")
+    print("Samples from models this small and this briefly trained are not working code: read them as a picture "
+          "of what each model has picked up of Python's look.")
     summary["prompt"], summary["completions"] = args.prompt, {}
     for recipe, run_dir in runs[:len(LOOP_COUNTS)]:
         label = model_label(recipe.model["plt_num_loops"], recipe.train.seed)

@@ -95,7 +95,9 @@ def test_output_is_numbered_names_the_figure_and_holds_no_library_noise(quicksta
     assert "wall-clock" in out and "parloop study" in out
     assert "--- R = 1, seed 0 ---" in out and "--- R = 2, seed 0 ---" in out
     assert "sequential_shared" in results["bench_table"] and results["bench_table"] in out
-    assert f"everything is under {run_dir}/" in out
+    assert re.search(rf"done in [\d.]+ min \(wall-clock; training took [\d.]+ min, estimated [\d.]+ min\); "
+                     rf"everything is under {re.escape(str(run_dir))}/", out)
+    assert results["estimated_training_seconds"] > 0 and results["training_seconds"] > 0
 
 
 def _models(*val_bpbs: tuple[int, int, float]) -> list[dict]:

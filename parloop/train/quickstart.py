@@ -97,12 +97,13 @@ def time_first_steps(recipe: Recipe, steps: int = 2) -> tuple[float, float]:
     return per_step, time.perf_counter() - started
 
 
-def estimate_training(runs: list[tuple[Recipe, Path]]) -> None:
-    """Print the training time of the runs not finished yet, measured from the first steps of each loop count."""
+def estimate_training(runs: list[tuple[Recipe, Path]]) -> float:
+    """Print and return the training time (s) of the runs not finished yet, from the first steps of each loop
+    count timed on this machine now."""
     todo = [(r, d) for r, d in runs if not (d / FINAL_METRICS).is_file()]
     if not todo:
         print("every model is already trained; reusing them")
-        return
+        return 0.0
     timed = {}
     for recipe, _ in todo:
         loops = recipe.model["plt_num_loops"]
@@ -117,6 +118,7 @@ def estimate_training(runs: list[tuple[Recipe, Path]]) -> None:
     print(f"timed the first steps of each model just now ({rates}, wall-clock on this machine)\n"
           f"estimated training time for {len(todo)} model(s): {total / 60:.1f} min "
           f"(more if other programs start using the CPU)", flush=True)
+    return total
 
 
 def train_all(runs: list[tuple[Recipe, Path]]) -> list[dict[str, Any]]:
@@ -171,6 +173,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-context", type=int, default=256, help="prompt tokens prefilled before decoding")
     parser.add_argument("--bench-new-tokens", type=int, default=16, help="timed decode steps per bench row")
     parser.add_argument("--no-bench", action="store_true", help="skip the closing bench table")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of torch; for models this small one is faster than two, and far faster "
+                        "when other programs keep the cores busy (two threads then wait for each other)")
 
 
 def report(models: list[dict[str, Any]], runs: list[tuple[Recipe, Path]], run_dir: Path) -> dict[str, Any]:
@@ -184,7 +189,7 @@ def report(models: list[dict[str, Any]], runs: list[tuple[Recipe, Path]], run_di
     figure = run_dir / FIGURE_FILE
     plot_runs({m["label"]: d / METRICS_FILE for m, (_, d) in zip(models, runs, strict=True)}, figure,
               f"parloop quickstart: every model of {run_dir} (same recipe and tokens; only R and the seed differ)",
-              {f"bigram counts, seed {bigram['seed']} tokens (val)": bigram["val_bpb"]})
+              {"bigram counts (same training tokens)": bigram["val_bpb"]})
     return {"models": models, "bigram": bigram, "differences": paired_differences(models), "table": table,
             "load_average": load, "cpu_count": cores, "figure": str(figure)}
 
@@ -194,11 +199,14 @@ def _sections(args: argparse.Namespace, runs: list[tuple[Recipe, Path]], steps: 
     first = runs[0][0].train
     steps.header(f"training {len(runs)} models: R = 1 and R = 2, {args.seeds} seed(s) each, {first.max_steps} "
                  f"steps of {first.batch_size} x {first.seq_len} tokens")
-    estimate_training(runs)
+    estimated = estimate_training(runs)
+    started = time.perf_counter()
     models = train_all(runs)
+    trained = time.perf_counter() - started
     steps.header("results: bits per byte on held-out standard-library files (lower is better)"
                  if args.source == "stdlib" else "results: bits per byte on held-out files (lower is better)")
-    summary = report(models, runs, args.run_dir)
+    summary = {**report(models, runs, args.run_dir), "training_seconds": trained,
+               "estimated_training_seconds": estimated}
     steps.header(f"samples: each seed-{first.seed} model continues {args.prompt!r} (temperature 0.8, seed 0)")
     print("Samples from models this small and this briefly trained are not working code: read them as a picture "
           "of what each model has picked up of Python's look.")
@@ -220,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars would interleave with ours
     hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
     run_dir: Path = args.run_dir
     data_dir = run_dir / "data"
     steps = Steps(4 if args.no_bench else 5)
@@ -233,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         return exit_code(e, "parloop quickstart", "run the same command again to continue where it stopped")
     summary["wall_seconds"] = seconds = time.perf_counter() - started
     (run_dir / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\ndone in {seconds / 60:.1f} min (wall-clock); everything is under {run_dir}/\n"
+    print(f"\ndone in {seconds / 60:.1f} min (wall-clock; training took {summary['training_seconds'] / 60:.1f} min, "
+          f"estimated {summary['estimated_training_seconds'] / 60:.1f} min); everything is under {run_dir}/\n"
           f"  data/          corpus, tokenizer, test_files.txt\n"
           f"  r1/, r2/, ...  one model each: recipe.yaml, metrics.jsonl, curves.png, tensorboard/, model/\n"
           f"  results.json   every number printed above\n"

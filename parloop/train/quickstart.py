@@ -115,7 +115,8 @@ def estimate_training(runs: list[tuple[Recipe, Path]]) -> float:
         per_step, per_eval = timed[recipe.model["plt_num_loops"]]
         total += t.max_steps * per_step + (-(-t.max_steps // t.eval_interval) + 1) * per_eval
     rates = ", ".join(f"R = {r}: {s:.2f} s/step" for r, (s, _) in sorted(timed.items()))
-    print(f"timed the first steps of each model just now ({rates}, wall-clock on this machine)\n"
+    print(f"timed the first steps of each model just now ({rates}, wall-clock on this machine with "
+          f"{torch.get_num_threads()} CPU thread(s))\n"
           f"estimated training time for {len(todo)} model(s): {total / 60:.1f} min "
           f"(more if other programs start using the CPU)", flush=True)
     return total

@@ -14,7 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("parloop.train.corpus", "build a tokenized code corpus (default: the Python standard library)"),
     "train": ("parloop.train.command", "train a PLT model from a recipe, on one process or many (torchrun)"),
-    "quickstart": ("parloop.train.quickstart", "build the stdlib corpus, train R=2 and R=1, compare, sample, bench"),
+    "quickstart": ("parloop.train.quickstart", "build the stdlib corpus, train R=1 and R=2, compare, sample, bench"),
     "bench": ("parloop.bench.command", "decode latency, prefill time and KV-cache bytes per loop mode and loop count"),
     "serve": ("parloop.inference.server", "OpenAI-compatible HTTP server with continuous batching"),
     "generate": ("parloop.inference.generate", "generate from a prompt, streaming tokens to the terminal"),

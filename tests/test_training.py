@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from test_data import build_tiny_corpus, write_source_tree
+from test_data import build_tiny_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from parloop import PLTConfig, cli
@@ -235,28 +234,3 @@ def test_every_shipped_recipe_is_valid(path: Path) -> None:
     recipe.check(world_size=1)
     limit = recipe.model.get("max_position_embeddings", PLTConfig().max_position_embeddings)
     assert recipe.train.seq_len <= limit
-
-
-def test_quickstart_trains_matched_models_compares_them_and_names_its_run_directory(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write_source_tree(tmp_path / "src", count=200)  # enough files for 5 % validation and test splits
-    run_dir = tmp_path / "quick"
-    code = cli.main(["quickstart", "--run-dir", str(run_dir), "--source", str(tmp_path / "src"), "--recipe",
-                     str(RECIPE), "--vocab-size", "300", "--max-new-tokens", "5", "--bench-preset", "tiny",
-                     "--bench-context", "8", "--bench-new-tokens", "2"])
-    out = capsys.readouterr().out
-    assert code == 0
-    summary = json.loads((run_dir / "summary.json").read_text())
-    r1, r2 = summary["results"]["r1"], summary["results"]["r2"]
-    assert (r1["plt_num_loops"], r2["plt_num_loops"]) == (1, 2) and r1["tokens"] == r2["tokens"]
-    # matched: the two recipes differ only in the loop count and the name
-    one, two = (yaml.safe_load((run_dir / f"r{r}" / "recipe.yaml").read_text()) for r in (1, 2))
-    assert one["model"].pop("plt_num_loops") == 1 and two["model"].pop("plt_num_loops") == 2
-    assert one.pop("name") != two.pop("name") and one == two
-    table = out[out.index("val bpb"):]
-    for r in (1, 2):
-        assert f"{summary['results'][f'r{r}']['val_bpb']:.4f}" in table
-    assert "--- R = 2 ---" in out and "--- R = 1 ---" in out
-    assert "sequential_shared" in summary["bench_table"] and summary["bench_table"] in out
-    assert f"everything is under {run_dir}/" in out
-

@@ -204,7 +204,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN, PAD_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=sys.stderr.isatty())
+                                  show_progress=False)  # its own bars would print beside ours
     tok.train_from_iterator(texts, trainer, length=len(texts))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
                                    pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False)

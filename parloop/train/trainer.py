@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm import tqdm
 
+from parloop.config import PLTConfig
 from parloop.model import PLTForCausalLM
 from parloop.train.checkpointer import (
     MODEL_DIR,
@@ -198,8 +199,8 @@ def _train(recipe: Recipe, run_dir: Path, corpus: Corpus, world: World, resume: 
             say(f"resuming from {checkpoint} (step {trainer.step})")
     t = recipe.train
     if world.main:
-        say(f"{recipe.name}: {trainer.parameters / 1e6:.2f}M parameters, R = {trainer.config.plt_num_loops} "
-            f"({trainer.config.plt_loop_mode}), {world.size} process(es) on {trainer.device}, "
+        say(f"{recipe.name}: {trainer.parameters / 1e6:.2f}M parameters, {_loops(trainer.config)}, "
+            f"{world.size} process(es) on {trainer.device}, "
             f"{trainer.accumulation} accumulation step(s), {t.max_steps} steps of {t.batch_size * t.seq_len:,} "
             f"tokens")
     last, val = _loop(trainer, checkpointer, MetricsLog(run_dir, trainer.step, enabled=world.main))
@@ -208,10 +209,16 @@ def _train(recipe: Recipe, run_dir: Path, corpus: Corpus, world: World, resume: 
     metrics = _final_metrics(trainer, run_dir, last, val)
     checkpointer.save_final_model(trainer)
     if world.main:
-        plot_curves(run_dir / METRICS_FILE, run_dir / "curves.png")
+        plot_curves(run_dir / METRICS_FILE, run_dir / "curves.png",
+                    f"{recipe.name}: {_loops(trainer.config)}, seed {t.seed}")
         write_final_metrics(run_dir, metrics)
     world.barrier()
     return metrics
+
+
+def _loops(config: PLTConfig) -> str:
+    """"R = 1" (a plain model: no loop mode), or e.g. "R = 2 (parallel)"."""
+    return "R = 1" if config.plt_num_loops == 1 else f"R = {config.plt_num_loops} ({config.plt_loop_mode})"
 
 
 def _loop(trainer: Trainer, checkpointer: Checkpointer, log: MetricsLog) -> tuple[dict[str, float], dict[str, Any]]:

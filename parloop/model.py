@@ -257,6 +257,12 @@ class PLTPreTrainedModel(PreTrainedModel):
                 "PLTModel.set_attention_probe.")
         return "sdpa"
 
+    def num_used_parameters(self) -> int:
+        """Parameters the forward pass uses: an R = 1 model keeps G-SWA gate weights (as the released code writes
+        them) that it never applies."""
+        unused = ".plt_gate." if self.config.plt_num_loops == 1 else None
+        return sum(p.numel() for name, p in self.named_parameters() if unused is None or unused not in name)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, PLTRotaryEmbedding):  # non-persistent buffers: rebuilt after a meta-device load

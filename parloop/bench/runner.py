@@ -97,7 +97,7 @@ class _Measurer:
         # few-row layouts are a CPU eager matter; hooks on a compiled model would make it recompile
         few_row = self.device.type == "cpu" and not self.compile
         return dict(mode=mode, loops=loops, batch=batch, context=context, new_tokens=o.new_tokens,
-                    params=used_parameters(model),
+                    params=model.num_used_parameters(),
                     decode_ms_per_token=significant(timing.decode_ms), **timing.spread(),
                     prefill_ms=significant(timing.prefill_ms), kv_cache_bytes=timing.cache.kv_cache_bytes(),
                     kv_cache_bytes_formula=kv_cache_bytes_formula(config, batch, total, self.dtype.itemsize),
@@ -176,12 +176,6 @@ def _compare_to_reference(reference: dict[str, Any], r1: dict[str, Any] | None) 
                                                           / reference["generate_ms_per_token"])
 
 
-def used_parameters(model: PLTForCausalLM) -> int:
-    """Parameters the forward pass uses: an R = 1 model's G-SWA gates (kept for checkpoint fidelity) are not."""
-    unused = ".plt_gate." if model.config.plt_num_loops == 1 else None
-    return sum(p.numel() for name, p in model.named_parameters() if unused is None or unused not in name)
-
-
 def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     """Measure every (mode, loops, batch, context) of `options` and the `transformers` reference.
 
@@ -221,5 +215,5 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     machine["compiled"] = measurer.compile
     _compare_to_reference(reference, _r1_row(rows, options.batch, options.context))
     model_info = dict(preset=options.preset, **shape, head_dim=base.config.head_dim, tie_word_embeddings=True,
-                      window=options.window, dtype=options.dtype, params_r1=used_parameters(base))
+                      window=options.window, dtype=options.dtype, params_r1=base.num_used_parameters())
     return dict(rows=rows, reference=reference, machine=machine, model=model_info, options=asdict(options))

@@ -93,7 +93,7 @@ class Trainer:
         self.raw_model = PLTForCausalLM(self.config).to(self.device)
         if t.gradient_checkpointing:
             self.raw_model.gradient_checkpointing_enable()
-        self.parameters = sum(p.numel() for p in self.raw_model.parameters())
+        self.parameters = self.raw_model.num_used_parameters()
         if t.compile:
             self.raw_model.compile()  # in place: parameter names and checkpoints stay those of the eager model
         self.model = parallelize(self.raw_model, world, recipe.distributed.strategy)

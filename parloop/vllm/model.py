@@ -150,6 +150,9 @@ class PLTModel(nn.Module):
 class PLTForCausalLM(nn.Module):
     """The architecture `IQuestPLTCoderForCausalLM` (LoopCoder-V2's checkpoint format, docs/design.md §4)."""
 
+    # which checkpoint weights vLLM's fused layers hold, for quantisation methods that look them up
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config: PLTConfig = vllm_config.model_config.hf_config

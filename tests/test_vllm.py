@@ -42,14 +42,14 @@ SHAPE = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_
 ENGINE = dict(skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=160, seed=0,
               block_size=BLOCK, disable_log_stats=False)
 # (loops, gate on hidden states, per-loop norm, emb/hidden scales); windows are shorter than the prompts
-MATRIX = [
-    dict(plt_num_loops=1),
-    dict(plt_num_loops=2, plt_window_size=[2, 0]),
-    dict(plt_num_loops=2, plt_window_size=[3, 0], plt_gate_use_hidden_states=True, plt_normalize_per_loop=True,
-         plt_emb_scale=0.8, plt_hidden_scale=0.6),
-    dict(plt_num_loops=3, plt_window_size=[4, 0], plt_normalize_per_loop=True),
-    dict(plt_num_loops=3, plt_window_size=[2, 0], plt_gate_use_hidden_states=True),
-]
+MATRIX = {
+    "R1": dict(plt_num_loops=1),
+    "R2_query_gate": dict(plt_num_loops=2, plt_window_size=[2, 0]),
+    "R2_hidden_gate_loop_norm_scales": dict(plt_num_loops=2, plt_window_size=[3, 0], plt_gate_use_hidden_states=True,
+                                            plt_normalize_per_loop=True, plt_emb_scale=0.8, plt_hidden_scale=0.6),
+    "R3_query_gate_loop_norm": dict(plt_num_loops=3, plt_window_size=[4, 0], plt_normalize_per_loop=True),
+    "R3_hidden_gate": dict(plt_num_loops=3, plt_window_size=[2, 0], plt_gate_use_hidden_states=True),
+}
 
 
 def make_checkpoint(directory: Path, **overrides: Any) -> PLTForCausalLM:
@@ -94,8 +94,7 @@ def shut_down(llm: LLM) -> None:
     gc.collect()
 
 
-@pytest.fixture(scope="module", params=range(len(MATRIX)), ids=lambda i: "-".join(
-    f"{k.removeprefix('plt_')}={v}" for k, v in MATRIX[i].items()))
+@pytest.fixture(scope="module", params=list(MATRIX))
 def matrix_engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[tuple[LLM, PLTForCausalLM]]:
     directory = tmp_path_factory.mktemp("plt")

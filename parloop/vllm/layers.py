@@ -87,12 +87,13 @@ class PLTAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, h_in: torch.Tensor, first_loop: int,
                 streams: int) -> torch.Tensor:
-        """x: normed block input `[S * N, d]` of loops first_loop..first_loop+S-1; h_in: the same before the norm."""
+        """x: normed block input `[S * N, d]` of loops first_loop..first_loop+S-1; h_in: the same before the norm;
+        positions `[S * N]`: every stream's tokens have their token's position."""
         qkv, _ = self.qkv_proj(x)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q, k = self.rotary_emb(positions.repeat(streams) if streams > 1 else positions, q, k)
-        n = positions.shape[0]
+        q, k = self.rotary_emb(positions, q, k)
+        n = positions.shape[0] // streams
         # stream 0 of a one-pass step is loop 0: it writes this token's K0/V0 before the other loops read them
         outs = [self._attend(first_loop + s, q[s * n:(s + 1) * n], k[s * n:(s + 1) * n], v[s * n:(s + 1) * n],
                              h_in[s * n:(s + 1) * n]) for s in range(streams)]

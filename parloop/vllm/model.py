@@ -77,6 +77,7 @@ class PLTModel(nn.Module):
         return self.norm(self._loop_by_loop(positions, emb, metadata))
 
     def _layers(self, positions: torch.Tensor, h: torch.Tensor, first_loop: int, streams: int) -> torch.Tensor:
+        positions = positions.repeat(streams) if streams > 1 else positions
         for layer in self.layers:
             h = layer(positions, h, first_loop, streams)
         return h

@@ -53,7 +53,7 @@ MATRIX = {
 
 
 def make_checkpoint(directory: Path, **overrides: Any) -> PLTForCausalLM:
-    model = tiny_model(**SHAPE, **overrides)
+    model = tiny_model(**{**SHAPE, **overrides})
     model.save_pretrained(directory)
     return model
 
@@ -174,6 +174,24 @@ def test_several_samples_per_prompt(stress_engine: tuple[LLM, PLTForCausalLM]) -
     assert len({tuple(s.token_ids) for s in samples}) > 1
     for sample in samples:
         assert_matches_parloop(model, prompt, sample)
+
+
+def test_tensor_parallel_gives_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # two ranks, each with one query head, one KV head and half of every gate; one core per rank
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    model = make_checkpoint(tmp_path, plt_num_loops=2, plt_window_size=[2, 0], plt_gate_use_hidden_states=True,
+                            plt_normalize_per_loop=True, num_key_value_heads=2)
+    llm = LLM(str(tmp_path), **ENGINE, tensor_parallel_size=2, distributed_executor_backend="mp")
+    try:
+        token_prompts = prompts([7, 19], seed=8)
+        outputs = run(llm, token_prompts, SamplingParams(temperature=0, max_tokens=8, logprobs=0, detokenize=False))
+    finally:
+        shut_down(llm)
+    for prompt, out in zip(token_prompts, outputs, strict=True):
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert list(out.outputs[0].token_ids) == expected[0, len(prompt):].tolist()
+        assert_matches_parloop(model, prompt, out.outputs[0])
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

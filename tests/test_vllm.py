@@ -30,6 +30,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
+from vllm import envs as vllm_envs  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from parloop import PLTForCausalLM  # noqa: E402
@@ -179,6 +180,7 @@ def test_several_samples_per_prompt(stress_engine: tuple[LLM, PLTForCausalLM]) -
 def test_tensor_parallel_gives_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # two ranks, each with one query head, one KV head and half of every gate; one core per rank
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    vllm_envs.disable_envs_cache()  # an engine started earlier in this process froze vLLM's view of the environment
     model = make_checkpoint(tmp_path, plt_num_loops=2, plt_window_size=[2, 0], plt_gate_use_hidden_states=True,
                             plt_normalize_per_loop=True, num_key_value_heads=2)
     llm = LLM(str(tmp_path), **ENGINE, tensor_parallel_size=2, distributed_executor_backend="mp")

@@ -464,6 +464,10 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
                                       batch_size: int, max_cache_length: int) -> None:
         # generate() would otherwise build a DynamicCache; ours is sized for the whole generation up front.
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic", "static"):
+                raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not supported: "
+                                 "a PLT model decodes with parloop's PLTCache, 'dynamic' (grows) or 'static' "
+                                 "(preallocated, for compile_decode)")
             static = generation_config.cache_implementation == "static"
             model_kwargs["past_key_values"] = PLTCache(self.config, max_length=max_cache_length, static=static)
             if generation_config.is_assistant:  # the main model will crop away the drafts it rejects

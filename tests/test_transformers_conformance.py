@@ -153,6 +153,8 @@ def test_refusals_name_the_limitation() -> None:
         model(ids, not_an_option=1)
     with pytest.raises(TypeError, match="DynamicCache.*PLTCache"):
         model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="cache_implementation='offloaded' is not supported"):
+        model.generate(ids, cache_implementation="offloaded", max_new_tokens=2)
 
 
 def test_attn_implementation_other_than_sdpa_is_refused(tmp_path: Path) -> None:

@@ -174,9 +174,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-context", type=int, default=256, help="prompt tokens prefilled before decoding")
     parser.add_argument("--bench-new-tokens", type=int, default=16, help="timed decode steps per bench row")
     parser.add_argument("--no-bench", action="store_true", help="skip the closing bench table")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads of torch; for models this small one is faster than two, and far faster "
-                        "when other programs keep the cores busy (two threads then wait for each other)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of torch; 0 = the cores other programs leave idle (load average), at "
+                        "least 1: on a quiet 2-core machine two threads train about twice as fast as one, but when "
+                        "other programs keep the cores busy two threads wait for each other and are far slower")
+
+
+def idle_cores() -> int:
+    """CPU cores not kept busy by other programs, by the 1-minute load average (at least 1)."""
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, round(cores - os.getloadavg()[0])))
 
 
 def report(models: list[dict[str, Any]], runs: list[tuple[Recipe, Path]], run_dir: Path) -> dict[str, Any]:
@@ -229,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars would interleave with ours
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or idle_cores())
     run_dir: Path = args.run_dir
     data_dir = run_dir / "data"
     steps = Steps(4 if args.no_bench else 5)

@@ -1,9 +1,10 @@
 """Decode speed of PLT in vLLM: one-pass decoding against loop-by-loop decoding, in the same run (docs/vllm.md).
 
-    python -m parloop.vllm.bench [--loops 1 2 3 4] [--batch 1 16] [--tokens 24] [--repeats 3]
+    python -m parloop.vllm.bench [--preset 100m] [--loops 1 2 3 4] [--batch 1 16] [--tokens 24] [--repeats 3]
 
-For each loop count R one engine serves a randomly initialised ~100M-parameter model (hidden 768, 12 layers, 12
-heads of 64, the released window [64, 0]); each (batch, mode) then decodes `--tokens` tokens after a 16-token
+For each loop count R one engine serves a randomly initialised model of the shape `parloop bench` uses (`--preset`:
+100m = hidden 768, 12 layers, 12 heads of 64, 4 KV heads, tied embeddings, 100.1M parameters; 1b = hidden 2048,
+22 layers), with the released window [64, 0]; each (batch, mode) then decodes `--tokens` tokens after a 16-token
 prompt per request, `--repeats` times, modes interleaved. The time per decode step is read off vLLM's own
 timestamps (first to last token of a request) and as this process's CPU time (the engine runs in-process on one
 thread by default), prefill not counted; the best repeat is reported. On a shared machine the CPU time is the figure
@@ -27,17 +28,19 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
 from parloop import PLTConfig, PLTForCausalLM
+from parloop.bench.options import PRESETS
 
 MODES = {"one-pass": True, "loop-by-loop": False}
 CLOCKS = ("cpu", "wall")
 PROMPT_TOKENS = 16
 
 
-def bench_config(loops: int) -> PLTConfig:
-    return PLTConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                     num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
-                     plt_num_loops=loops, plt_window_size=[64, 0], plt_normalize_per_loop=True,
-                     plt_gate_use_hidden_states=True, bos_token_id=None, eos_token_id=None)
+def bench_config(loops: int, preset: str = "100m") -> PLTConfig:
+    shape = PRESETS[preset]
+    return PLTConfig(**shape, head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+                     tie_word_embeddings=True, max_position_embeddings=2048, plt_num_loops=loops,
+                     plt_window_size=[64, 0], plt_normalize_per_loop=True, plt_gate_use_hidden_states=True,
+                     bos_token_id=None, eos_token_id=None)
 
 
 def generate_cpu_seconds(llm: LLM, prompts: list[TokensPrompt], max_tokens: int) -> tuple[list, float]:
@@ -61,10 +64,10 @@ def step_seconds(llm: LLM, batch: int, tokens: int) -> dict[str, float]:
     return dict(cpu=(total_cpu - prefill_cpu) / tokens, wall=wall)
 
 
-def bench_loops(loops: int, batches: list[int], tokens: int, repeats: int) -> list[dict]:
+def bench_loops(loops: int, batches: list[int], tokens: int, repeats: int, preset: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as directory:
         torch.manual_seed(0)
-        PLTForCausalLM(bench_config(loops)).save_pretrained(directory)
+        PLTForCausalLM(bench_config(loops, preset)).save_pretrained(directory)
         llm = LLM(directory, skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=512,
                   max_num_seqs=max(batches), enable_prefix_caching=False, disable_log_stats=False, seed=0)
     rows = []
@@ -101,6 +104,8 @@ def report(rows: list[dict], clock: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=[p for p in PRESETS if p != "tiny"], default="100m",
+                        help="model shape, as in `parloop bench` (default: 100m)")
     parser.add_argument("--loops", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--tokens", type=int, default=24, help="decode steps timed per run")
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     # one thread (set before vLLM's worker takes torch.set_num_threads away): CPU time is then the steps' work, and
     # on a shared core no step waits for a second thread that another program holds
     torch.set_num_threads(args.threads)
-    rows = [row for loops in args.loops for row in bench_loops(loops, args.batch, args.tokens, args.repeats)]
+    rows = [row for loops in args.loops
+            for row in bench_loops(loops, args.batch, args.tokens, args.repeats, args.preset)]
     if args.out:
         args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print("\n\n".join(report(rows, clock) for clock in CLOCKS))

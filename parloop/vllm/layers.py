@@ -108,7 +108,7 @@ class PLTAttention(nn.Module):
         global_out = self.attn(q, None, None).view(shape)
         local_out = self.local[loop - 1](q, k, v).view(shape)
         g = self.plt_gate(q.reshape(shape), h_in)
-        return (g * global_out + (1 - g) * local_out).reshape(n, -1)
+        return torch.lerp(local_out, global_out, g).reshape(n, -1)  # g * global + (1 - g) * local
 
 
 class PLTDecoderLayer(nn.Module):

@@ -115,8 +115,17 @@ def test_seeds_that_disagree_in_sign_cannot_tell_the_models_apart() -> None:
     mixed = " ".join(comparison_lines(_models((1, 0, 2.2), (2, 0, 2.3), (1, 1, 2.1), (2, 1, 2.05))))
     assert "seed 0: +0.1000" in mixed and "seed 1: -0.0500" in mixed and "cannot tell" in mixed
     agree = " ".join(comparison_lines(_models((1, 0, 2.2), (2, 0, 2.3), (1, 1, 2.1), (2, 1, 2.15))))
-    assert "did worse than R = 1 with every seed" in agree and "cannot tell" not in agree
-    assert "spread of R = 1 in this run: 0.1000" in agree
+    assert "did worse than R = 1 with every seed" in agree and "spread of R = 1 in this run: 0.1000" in agree
+    # two seeds: t(0.975, 1) = 12.71, so +0.075 ± 12.71 * 0.0354 / sqrt 2 = ± 0.3177 includes zero
+    assert "+0.0750 [-0.2427, +0.3927]" in agree and "interval includes zero: 2 seeds cannot tell" in agree
+
+
+def test_a_verdict_needs_an_interval_that_excludes_zero() -> None:
+    rows = [(1, s, 2.0 + 0.01 * s) for s in range(4)] + [(2, s, 2.1 + 0.01 * s + 0.002 * (s % 2)) for s in range(4)]
+    text = " ".join(comparison_lines(_models(*rows)))
+    # differences 0.100, 0.102, 0.100, 0.102: mean 0.101, sd 0.001155, t(0.975, 3) = 3.182 -> half-width 0.0018
+    assert "+0.1010 [+0.0992, +0.1028]" in text and "the 95 % interval excludes zero" in text
+    assert "cannot tell" not in text
 
 
 def test_bigram_probabilities_match_a_hand_count() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from parloop.study.stats import mean_interval
+
 # Measured by the project with recipes/quickstart.yaml on the standard-library corpus (issue 13): R = 1 trained
 # with seeds 0 and 1 (seeds change the initial weights and the data order together).
 PROJECT_SEED_SPREAD = {"recipe": "recipes/quickstart.yaml", "loops": 1, "seeds": (0, 1), "val_bpb": (2.2045, 2.0496)}
@@ -53,19 +55,24 @@ def _single_seed_lines(diff: float) -> list[str]:
 
 def _multi_seed_lines(diffs: Sequence[dict[str, float]], models: Sequence[dict[str, Any]]) -> list[str]:
     values = [d["val_bpb"] for d in diffs]
+    interval = mean_interval(values)
     lines = ["R = 2 minus R = 1, val bpb, per seed: " + ", ".join(f"seed {d['seed']}: {d['val_bpb']:+.4f}"
                                                                    for d in diffs)
-             + f"; mean {sum(values) / len(values):+.4f} (positive: R = 2 worse)."]
+             + f"; mean {interval} (95 % t-interval over {interval.n} seeds; positive: R = 2 worse)."]
     for loops in (1, 2):
         bpbs = [m["val_bpb"] for m in models if m["plt_num_loops"] == loops]
         lines.append(f"Seed-to-seed spread of R = {loops} in this run: {max(bpbs) - min(bpbs):.4f} val bpb "
                      f"(max - min over {len(bpbs)} seeds).")
-    if all(v > 0 for v in values) or all(v < 0 for v in values):
-        verdict = f"R = 2 did {_direction(values[0])} than R = 1 with every seed here"
+    if interval.excludes_zero:
+        verdict = (f"R = 2 did {_direction(interval.mean)} than R = 1 at this scale: the 95 % interval excludes "
+                   "zero")
+    elif all(v > 0 for v in values) or all(v < 0 for v in values):
+        verdict = (f"R = 2 did {_direction(values[0])} than R = 1 with every seed here, but the 95 % interval "
+                   f"includes zero: {interval.n} seeds cannot tell R = 2 from R = 1 at that confidence")
     else:
         verdict = "the sign of the difference changes with the seed: these runs cannot tell R = 2 from R = 1"
-    lines.append(f"So {verdict}; {len(values)} seeds are too few for a 95 % interval worth the name "
-                 "(`parloop study --seeds N` computes one).")
+    lines.append(f"So {verdict}. This is one model size and token budget; `parloop study` compares more (and "
+                 "compute-matched baselines).")
     return lines
 
 

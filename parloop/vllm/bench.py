@@ -10,7 +10,8 @@ timestamps (first to last token of a request) and as this process's CPU time (th
 thread by default), prefill not counted; the best repeat is reported. On a shared machine the CPU time is the figure
 to read: wall time counts whatever else the core ran.
 Loop-by-loop is the algorithm of the vLLM fork (every loop one more pass per token); parloop's plugin switches to
-it for this comparison only.
+it for this comparison only. A last table times the step's weight products alone (the first engine's linear layers,
+batch x 1..R rows): the part of a step that stacking the loops can share; the rest of a step is per-call work.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
@@ -64,7 +67,31 @@ def step_seconds(llm: LLM, batch: int, tokens: int) -> dict[str, float]:
     return dict(cpu=(total_cpu - prefill_cpu) / tokens, wall=wall)
 
 
-def bench_loops(loops: int, batches: list[int], tokens: int, repeats: int, preset: str) -> list[dict]:
+def weight_products_ms(model: nn.Module, rows: int, repeats: int) -> dict[str, float]:
+    """CPU ms of one decode step's weight products alone (best of `repeats`), through the engine's own linear layers:
+    the layer stack's with `rows` rows (one-pass decoding multiplies R x batch rows, a loop-by-loop pass batch rows)
+    and the head's. What a step costs beyond these is per-call overhead that does not shrink with the rows."""
+    linears = [m for layer in model.model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                           layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    inputs = [torch.randn(rows, m.input_size_per_partition) for m in linears]
+    hidden = torch.randn(rows, model.config.hidden_size)
+
+    def best_ms(work: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            work()
+            times.append(time.process_time() - start)
+        return 1000 * min(times)
+
+    with torch.no_grad():
+        return dict(rows=rows, layers=best_ms(lambda: [m(x) for m, x in zip(linears, inputs, strict=True)]),
+                    head=best_ms(lambda: model.compute_logits(hidden)))
+
+
+def bench_loops(loops: int, batches: list[int], tokens: int, repeats: int, preset: str,
+                product_rows: list[int]) -> tuple[list[dict], list[dict]]:
+    """Decode-step rows of every (batch, mode, clock) for this R, and the weight products for `product_rows`."""
     with tempfile.TemporaryDirectory() as directory:
         torch.manual_seed(0)
         PLTForCausalLM(bench_config(loops, preset)).save_pretrained(directory)
@@ -81,10 +108,11 @@ def bench_loops(loops: int, batches: list[int], tokens: int, repeats: int, prese
                     best[mode, clock] = min(best[mode, clock], seconds)
         rows += [dict(loops=loops, batch=batch, mode=mode, clock=clock, ms_per_step=1000 * s)
                  for (mode, clock), s in best.items()]
+    products = [llm.apply_model(lambda m, n=n: weight_products_ms(m, n, 2 * repeats + 1))[0] for n in product_rows]
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    return rows
+    return rows, products
 
 
 def report(rows: list[dict], clock: str) -> str:
@@ -99,6 +127,13 @@ def report(rows: list[dict], clock: str) -> str:
         base = ms.get((1, batch, "one-pass"))
         vs_one = f"{one / base:.2f}x" if base else "-"
         lines.append(f"| {loops} | {batch} | {one:.1f} | {seq:.1f} | {seq / one:.2f}x | {vs_one} |")
+    return "\n".join(lines)
+
+
+def products_report(products: list[dict]) -> str:
+    lines = ["weight products alone (CPU ms per step, through the engine's linear layers)",
+             "| rows | layer stack | head |", "|---|---|---|"]
+    lines += [f"| {p['rows']} | {p['layers']:.1f} | {p['head']:.1f} |" for p in products]
     return "\n".join(lines)
 
 
@@ -118,11 +153,17 @@ def main(argv: list[str] | None = None) -> None:
     # one thread (set before vLLM's worker takes torch.set_num_threads away): CPU time is then the steps' work, and
     # on a shared core no step waits for a second thread that another program holds
     torch.set_num_threads(args.threads)
-    rows = [row for loops in args.loops
-            for row in bench_loops(loops, args.batch, args.tokens, args.repeats, args.preset)]
+    rows: list[dict] = []
+    product_rows = sorted({b * r for b in args.batch for r in range(1, max(args.loops) + 1)})
+    products: list[dict] = []
+    for i, loops in enumerate(args.loops):
+        step_rows, measured = bench_loops(loops, args.batch, args.tokens, args.repeats, args.preset,
+                                          product_rows if i == 0 else [])
+        rows += step_rows
+        products += measured
     if args.out:
-        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print("\n\n".join(report(rows, clock) for clock in CLOCKS))
+        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows + products))
+    print("\n\n".join([report(rows, clock) for clock in CLOCKS] + [products_report(products)]))
 
 
 if __name__ == "__main__":

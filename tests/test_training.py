@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from parloop import PLTConfig, cli
 from parloop.train.checkpointer import checkpoint_problem
 from parloop.train.corpus import Corpus, TokenWindows
+from parloop.train.distributed import StopRequest
 from parloop.train.errors import DataError, RecipeError, TrainingInterrupted
 from parloop.train.recipe import Recipe, load_recipe, recipe_from_dict
 from parloop.train.trainer import train
@@ -57,12 +58,29 @@ def interrupted(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
             signal.raise_signal(signal.SIGINT)
         return original(self, seed, first_sample, count)
 
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(TrainingInterrupted) as stopped:
-        mp.setattr(TokenWindows, "shuffled", shuffled)
-        train(tiny(corpus_dir), run_dir)
+    # as in a terminal, whatever started pytest (a background job starts with SIGINT ignored, and stays so)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(TrainingInterrupted) as stopped:
+            mp.setattr(TokenWindows, "shuffled", shuffled)
+            train(tiny(corpus_dir), run_dir)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert stopped.value.step == INTERRUPT_AT
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     return run_dir
+
+
+def test_a_signal_the_process_ignores_stays_ignored() -> None:
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `nohup` or `cmd &` in a script
+    try:
+        stop = StopRequest()
+        with stop.installed():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is stop
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is not stop  # restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def _copy(run_dir: Path, tmp_path: Path) -> Path:

@@ -153,7 +153,9 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
             yield self
             return
-        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        # a signal the process was started ignoring (`nohup`, `cmd &` in a script) stays ignored, as Python leaves it
+        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(s) is not signal.SIG_IGN}
         try:
             yield self
         finally:

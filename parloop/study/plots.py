@@ -81,8 +81,10 @@ def plot_offset_cost(path: Path, groups: Groups) -> None:
         for scale, per_r in offsets.items():
             rs = [r for r in sorted(per_r) if per_r[r][key] is not None]
             _errorbar(ax, rs, [per_r[r][key] for r in rs], label=scale)
-        ax.set(title=f"offset cost: {title}", xlabel="loops R")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        loops = sorted({r for per_r in offsets.values() for r in per_r})
+        # ticks at the trained R only: with a single R the default locator labels fractions of a loop
+        ax.set(title=f"offset cost: {title}", xlabel="loops R", xticks=loops,
+               xlim=(loops[0] - 0.5, loops[-1] + 0.5) if loops else None)
     axes[0].legend(fontsize=7, title="scale")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

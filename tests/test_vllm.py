@@ -34,6 +34,7 @@ from vllm import envs as vllm_envs  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from parloop import PLTForCausalLM  # noqa: E402
+from parloop.vllm.bench import products_report, report, weight_products_ms  # noqa: E402
 
 TOLERANCE = 1e-4
 BLOCK = 32  # the CPU attention kernels need blocks of a multiple of 32 tokens
@@ -175,6 +176,30 @@ def test_several_samples_per_prompt(stress_engine: tuple[LLM, PLTForCausalLM]) -
     assert len({tuple(s.token_ids) for s in samples}) > 1
     for sample in samples:
         assert_matches_parloop(model, prompt, sample)
+
+
+def test_loop_by_loop_decoding_is_exact_too(stress_engine: tuple[LLM, PLTForCausalLM]) -> None:
+    """The benchmark's baseline (the fork's algorithm) decodes the same tokens: it compares speed, not results."""
+    llm, model = stress_engine
+    token_prompts = prompts([7, 12], seed=5)
+    try:
+        llm.apply_model(lambda m: setattr(m.model, "one_pass_decode", False))
+        outputs = run(llm, token_prompts, SamplingParams(temperature=0, max_tokens=6, logprobs=0, detokenize=False))
+    finally:
+        llm.apply_model(lambda m: setattr(m.model, "one_pass_decode", True))
+    for prompt, out in zip(token_prompts, outputs, strict=True):
+        assert_matches_parloop(model, prompt, out.outputs[0])
+    products = llm.apply_model(lambda m: weight_products_ms(m, 3, 1))[0]
+    assert products["rows"] == 3 and products["layers"] >= 0 and products["head"] >= 0
+    assert "| 3 |" in products_report([products])
+
+
+def test_bench_report_is_speed_up_and_cost_over_r1() -> None:
+    rows = [dict(loops=r, batch=1, mode=mode, clock="cpu", ms_per_step=ms)
+            for r, mode, ms in ((1, "one-pass", 10.0), (1, "loop-by-loop", 10.5), (2, "one-pass", 12.0),
+                                (2, "loop-by-loop", 20.0))]
+    table = report(rows, "cpu")
+    assert "| 1 | 1 | 10.0 | 10.5 | 1.05x | 1.00x |" in table and "| 2 | 1 | 12.0 | 20.0 | 1.67x | 1.20x |" in table
 
 
 def test_tensor_parallel_gives_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

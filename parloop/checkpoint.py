@@ -60,7 +60,7 @@ def load_strict(load: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     model, info = load(*args, output_loading_info=True, **kwargs)
     problems = mismatch_problems(info, unused_gate=getattr(model.config, "plt_num_loops", 0) == 1)
     if problems:
+        fields = ", ".join(model.config.weight_fields)
         raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems)
-                              + ". Check plt_num_loops, plt_loop_mode, plt_gate_use_hidden_states, "
-                              "tie_word_embeddings and the sizes in config.json against the weight files.")
+                              + f". Check {fields} and the sizes in config.json against the weight files.")
     return (model, info) if want_info else model

@@ -73,6 +73,9 @@ class PLTConfig(PreTrainedConfig):
       looped transformer, R full KV caches).
     """
 
+    # the config.json fields that decide which weights a checkpoint has, named when the weights do not match
+    weight_fields = ("plt_num_loops", "plt_loop_mode", "plt_gate_use_hidden_states", "tie_word_embeddings")
+
     model_type = "iquestpltcoder"
     keys_to_ignore_at_inference = ["past_key_values"]
 

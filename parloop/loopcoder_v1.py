@@ -51,6 +51,7 @@ class LoopCoderV1Config(PLTConfig):
     """
 
     model_type = V1_MODEL_TYPE
+    weight_fields = ("loop_num", "tie_word_embeddings")
 
     vocab_size: int = 76800
     hidden_size: int = 5120

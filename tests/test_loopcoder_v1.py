@@ -211,6 +211,7 @@ def test_a_checkpoint_that_does_not_match_is_an_error_naming_the_weight(tmp_path
     with pytest.raises(CheckpointError) as err:
         AutoModelForCausalLM.from_pretrained(tmp_path)
     assert expected in str(err.value)
+    assert "plt_num_loops" not in str(err.value)  # the advice names V1's own config fields (loop_num), not V2's
 
 
 def test_config_defaults_are_the_released_classes() -> None:

@@ -303,6 +303,20 @@ def test_half_sent_requests_are_dropped(served: Served) -> None:
         sock.close()
 
 
+def test_a_kept_alive_connection_that_stops_inside_its_next_headers_is_dropped(served: Served) -> None:
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while b"}" not in answer:  # headers and body may come in separate segments
+            answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the second request never ends its headers
+        start = time.monotonic()
+        assert sock.recv(4096) == b""  # closed by the server (header timeout 1 s), not by recv's 10 s timeout
+        assert time.monotonic() - start < 5
+
+
 # -- row 10: threads ---------------------------------------------------------------------------------------------
 def test_threads_option_and_default(served: Served) -> None:
     assert 1 <= default_threads() <= max(1, (os.cpu_count() or 1) // 2)

@@ -134,16 +134,28 @@ async def read_body(request: Request, policy: AccessPolicy) -> bytes:
 
 
 def header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing a connection whose first request's headers are not complete within
-    `timeout_s` (uvicorn itself waits forever: 50 half-sent requests would hold 50 connections)."""
+    """uvicorn's h11 protocol, closing a connection whose next request's headers are not complete within
+    `timeout_s` of the connection opening or of the previous response (uvicorn itself waits forever once a byte has
+    arrived: 50 half-sent requests would hold 50 connections, new or kept alive)."""
 
     class HeaderDeadlineProtocol(H11Protocol):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self._deadline = self.loop.call_later(timeout_s, self._headers_overdue)
+            self._deadline = None
+            self._arm_deadline()
 
-        def _headers_overdue(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+        def on_response_complete(self) -> None:
+            self._arm_deadline()  # first: uvicorn may go straight on to a pipelined request's cycle
+            super().on_response_complete()
+
+        def _arm_deadline(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            # a request whose headers are complete gets a new cycle: the deadline is met when the cycle changes
+            self._deadline = self.loop.call_later(timeout_s, self._headers_overdue, self.cycle)
+
+        def _headers_overdue(self, cycle_before: Any) -> None:
+            if self.cycle is cycle_before and not self.transport.is_closing():
                 self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:

@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="web origins allowed to call from a browser (CORS); default: none")
     net.add_argument("--max-connections", type=int, default=256, help="most open connections (more get 503)")
     net.add_argument("--header-timeout", type=float, default=10.0,
-                     help="seconds a client has to send its request headers")
+                     help="seconds a client has to send a request's headers, from the connection's opening or "
+                          "the previous response")
     net.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client has to send its body")
     net.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (more: 413)")
     net.add_argument("--shutdown-timeout", type=float, default=30.0,

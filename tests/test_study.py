@@ -17,8 +17,10 @@ from parloop.eval.programs import is_held_out, load_programs
 from parloop.study.analysis import cost, group_models, paired_difference
 from parloop.study.grid import PRESETS, Cell, Run, grid
 from parloop.study.recommend import recommend
+from parloop.study.report import sweep_table
 from parloop.study.run import recipe_for
 from parloop.study.stats import mean_interval, t_quantile
+from parloop.study.sweep import choose_learning_rates
 from parloop.train.corpus import Corpus
 from parloop.train.errors import RecipeError
 
@@ -94,6 +96,22 @@ def test_recommendation_prefers_fewer_loops_only_when_the_seeds_can_tell_them_ap
     # one seed: no interval, so no verdict
     single = recommend(_groups({1: [2.1], 2: [2.0]}))
     assert single["loops"] is None and "No verdict" in single["reason"]
+
+
+def test_a_sweep_that_chooses_an_end_of_its_range_says_so() -> None:
+    cells = grid([1, 2], ["parallel"], compute_matched=False)
+    scale, quick = PRESETS["default"].scales[0], PRESETS["default"]
+    bpb = {"r1": {0.5: 2.7, 1.0: 2.6, 2.0: 2.5}, "parallel-r2": {0.5: 2.7, 1.0: 2.5, 2.0: 2.6}}
+    val_bpb = {Run(c, scale, quick.sweep_seed, m): bpb[c.name][m] for c in cells for m in quick.lr_multipliers}
+    chosen = choose_learning_rates(cells, quick, val_bpb)
+    assert (chosen["r1"]["multiplier"], chosen["r1"]["edge"]) == (2.0, "largest")
+    assert (chosen["parallel-r2"]["multiplier"], chosen["parallel-r2"]["edge"]) == (1.0, None)
+    table = sweep_table(chosen)
+    assert "| x 2 (edge) |" in table and "| x 1 |" in table
+    assert "r1 (the largest, x 2)" in table and "parallel-r2 (" not in table
+    smallest = {Run(cells[0], scale, quick.sweep_seed, m): bpb for m, bpb in ((0.5, 2.4), (1.0, 2.6))}
+    assert choose_learning_rates(cells[:1], quick, smallest)["r1"]["edge"] == "smallest"
+    assert choose_learning_rates(cells[:1], quick, {})["r1"] == {"multiplier": 1.0, "val_bpb": {}, "edge": None}
 
 
 def test_the_study_sets_loops_mode_depth_seed_and_learning_rate_itself(tmp_path: Path) -> None:

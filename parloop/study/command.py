@@ -18,7 +18,7 @@ from parloop.study.grid import PRESETS, STUDY_MODES, Preset, pick_scales
 from parloop.study.plan import Plan, estimate_times, make_plan
 from parloop.study.report import write_report
 from parloop.study.run import recipe_for, run_model
-from parloop.study.sweep import choose_learning_rates, sweep_dir
+from parloop.study.sweep import choose_learning_rates, edge_warning, sweep_dir
 from parloop.train.errors import USER_ERRORS, exit_code
 from parloop.train.trainer import train
 
@@ -101,7 +101,10 @@ def _train_sweep(plan: Plan, progress: Progress, study: Path, preset: Preset, co
         progress.start(i)
         val_bpb[run] = train(recipe_for(run, preset, corpus, overrides), sweep_dir(study, run), resume=True)["val_bpb"]
         progress.finish(i)
-    return choose_learning_rates(plan.cells, preset, val_bpb)
+    chosen = choose_learning_rates(plan.cells, preset, val_bpb)
+    if warning := edge_warning(chosen):
+        print(f"warning: {warning}", file=sys.stderr)
+    return chosen
 
 
 def _train_and_evaluate(args: argparse.Namespace, study: Path, preset: Preset, plan: Plan, corpus: Path,

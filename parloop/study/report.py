@@ -28,6 +28,7 @@ from parloop.study.plots import (
 )
 from parloop.study.recommend import recommend
 from parloop.study.stats import Interval, mean_interval
+from parloop.study.sweep import edge_warning
 
 Cells = dict[str, dict[int, dict[str, Any]]]
 
@@ -101,8 +102,9 @@ def sweep_table(sweep: dict[str, dict[str, Any]]) -> str:
     out = ["| model | " + " | ".join(f"lr x {m}" for m in multipliers) + " | chosen |",
            "|---" * (len(multipliers) + 2) + "|"]
     out += [f"| {label(name)} | " + " | ".join(_fmt(s["val_bpb"].get(m)) for m in multipliers)
-            + f" | x {s['multiplier']:g} |" for name, s in sweep.items()]
-    return "\n".join(out) + "\n"
+            + f" | x {s['multiplier']:g}{' (edge)' if s.get('edge') else ''} |" for name, s in sweep.items()]
+    warning = edge_warning(sweep)
+    return "\n".join(out) + "\n" + (f"\n{warning}\n" if warning else "")
 
 
 def diagnostics_tables(cells: Cells, modes: list[str]) -> str:

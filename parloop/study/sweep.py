@@ -23,11 +23,26 @@ def sweep_dir(study: Path, run: Run) -> Path:
 
 def choose_learning_rates(cells: Sequence[Cell], preset: Preset,
                           val_bpb: Mapping[Run, float]) -> dict[str, dict[str, Any]]:
-    """Per cell: the validation bits per byte of each multiplier and the chosen one (the lowest; the preset's
-    first multiplier of 1.0 when there was no sweep)."""
+    """Per cell: the validation bits per byte of each multiplier, the chosen one (the lowest; the preset's first
+    multiplier of 1.0 when there was no sweep) and `edge`: "largest" or "smallest" when the chosen one is at that end
+    of a sweep of several multipliers, so that the best rate may lie outside the swept range (None otherwise)."""
     chosen = {}
     for cell in cells:
         tried = {run.lr_multiplier: bpb for run, bpb in val_bpb.items() if run.cell == cell}
         best = min(tried, key=tried.__getitem__) if tried else 1.0
-        chosen[cell.name] = {"multiplier": best, "val_bpb": {f"{m:g}": v for m, v in sorted(tried.items())}}
+        edge = None
+        if len(tried) > 1 and best in (min(tried), max(tried)):
+            edge = "largest" if best == max(tried) else "smallest"
+        chosen[cell.name] = {"multiplier": best, "val_bpb": {f"{m:g}": v for m, v in sorted(tried.items())},
+                             "edge": edge}
     return chosen
+
+
+def edge_warning(sweep: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """A sentence naming the models whose chosen multiplier is at an end of the sweep (None if there are none)."""
+    at_edge = [f"{name} (the {s['edge']}, x {s['multiplier']:g})" for name, s in sweep.items() if s.get("edge")]
+    if not at_edge:
+        return None
+    return ("The sweep chose a multiplier at an end of its range for " + ", ".join(at_edge) + ": the best learning "
+            "rate may lie outside it. Check by moving the sweep's centre (--set train.lr=...) or training those "
+            "models at a rate beyond the range (docs/study.md, 'Learning rates').")

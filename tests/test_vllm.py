@@ -202,6 +202,28 @@ def test_bench_report_is_speed_up_and_cost_over_r1() -> None:
     assert "| 1 | 1 | 10.0 | 10.5 | 1.05x | 1.00x |" in table and "| 2 | 1 | 12.0 | 20.0 | 1.67x | 1.20x |" in table
 
 
+def test_ngram_speculative_decoding_is_exact(tmp_path: Path) -> None:
+    """Verification steps carry up to 3 draft tokens per request (run loop by loop); rejected drafts leave KV and
+    carries at positions that are written again before they are read."""
+    model = make_checkpoint(tmp_path, plt_num_loops=2, plt_window_size=[2, 0], plt_gate_use_hidden_states=True,
+                            plt_normalize_per_loop=True)
+    llm = LLM(str(tmp_path), **ENGINE, speculative_config=dict(method="ngram", num_speculative_tokens=3,
+                                                               prompt_lookup_max=3, prompt_lookup_min=1))
+    try:
+        token_prompts = [[5, 6, 7, 8] * 6, [9, 10, 11] * 8]  # repetitive, so that the n-gram proposer drafts
+        outputs = run(llm, token_prompts, SamplingParams(temperature=0, max_tokens=100, logprobs=0, detokenize=False))
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
+        assert 0 < accepted < metric(llm, "vllm:spec_decode_num_draft_tokens")  # drafts accepted and rejected
+        for prompt, out in zip(token_prompts, outputs, strict=True):
+            with torch.no_grad():
+                expected = model.generate(torch.tensor([prompt]), max_new_tokens=100, do_sample=False,
+                                          pad_token_id=0)[0, len(prompt):].tolist()
+            assert list(out.outputs[0].token_ids) == expected
+            assert_matches_parloop(model, prompt, out.outputs[0])
+    finally:
+        shut_down(llm)
+
+
 def test_tensor_parallel_gives_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # two ranks, each with one query head, one KV head and half of every gate; one core per rank
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")

@@ -143,6 +143,20 @@ def test_chunked_prefill_mixed_batches(stress_engine: tuple[LLM, PLTForCausalLM]
         assert_matches_parloop(model, prompt, out.outputs[0])
 
 
+def test_prompt_logprobs_of_a_chunked_prefill(stress_engine: tuple[LLM, PLTForCausalLM]) -> None:
+    """Every prompt position's log-probability, computed chunk by chunk, is parloop's full forward's."""
+    llm, model = stress_engine
+    token_prompts = prompts([40, 23], seed=3)
+    outputs = run(llm, token_prompts, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0,
+                                                     detokenize=False))
+    for prompt, out in zip(token_prompts, outputs, strict=True):
+        got = torch.tensor([step[t].logprob for step, t in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)])
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0, :-1].float()
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert (got - expected).abs().max() <= TOLERANCE
+
+
 def test_prefix_cache_hits(stress_engine: tuple[LLM, PLTForCausalLM]) -> None:
     llm, model = stress_engine
     prefix = prompts([2 * BLOCK + 7], seed=3)[0]

@@ -2,7 +2,7 @@
 
 Every engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) on tiny checkpoints written here; engine
 start-up costs seconds, so each engine is shared by the tests that use it. The plugin is found through its entry
-point: nothing here imports parloop.vllm.
+point: nothing here registers it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from vllm import envs as vllm_envs  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from parloop import PLTForCausalLM  # noqa: E402
+from parloop.cli import main as cli_main  # noqa: E402
+from parloop.vllm import bench as vllm_bench  # noqa: E402
 from parloop.vllm.bench import products_report, report, weight_products_ms  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -236,6 +238,28 @@ def test_ngram_speculative_decoding_is_exact(tmp_path: Path) -> None:
             assert_matches_parloop(model, prompt, out.outputs[0])
     finally:
         shut_down(llm)
+
+
+def test_parloop_bench_engine_vllm_runs_the_plugin_benchmark(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    calls = []
+    monkeypatch.setattr(vllm_bench, "main", calls.append)
+    assert cli_main(["bench", "--engine", "vllm", "--loops", "1", "2", "--batch", "4", "--new-tokens", "8",
+                     "--window", "32", "--json", str(tmp_path / "rows.jsonl")]) == 0
+    assert calls == [["--preset", "100m", "--window", "32", "--loops", "1", "2", "--batch", "4", "--tokens", "8",
+                      "--threads", "1", "--out", str(tmp_path / "rows.jsonl")]]
+    assert cli_main(["bench", "--engine", "vllm", "--sweep", "--sweep-loops", "2", "3", "--sweep-batches", "1", "16",
+                     "--threads", "2"]) == 0
+    assert calls[1][calls[1].index("--loops") + 1:calls[1].index("--batch")] == ["2", "3"]
+    assert calls[1][calls[1].index("--batch") + 1:calls[1].index("--tokens")] == ["1", "16"]
+    assert calls[1][calls[1].index("--threads") + 1] == "2"
+    for wrong, named in ((["--modes", "parallel"], "--modes"), (["--dtype", "bfloat16"], "--dtype"),
+                         (["--hidden", "256"], "--hidden "), (["--preset", "tiny"], "at least 32")):
+        assert cli_main(["bench", "--engine", "vllm", *wrong]) == 2
+        assert named in capsys.readouterr().err
+    assert len(calls) == 2
+    monkeypatch.setitem(sys.modules, "parloop.vllm.bench", None)  # importing it now fails, as without vLLM
+    assert cli_main(["bench", "--engine", "vllm"]) == 2 and "pip install -e '.[vllm]'" in capsys.readouterr().err
 
 
 def test_tensor_parallel_gives_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -46,6 +47,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to measure")
+    what.add_argument("--engine", choices=["parloop", "vllm"], default="parloop",
+                      help="parloop: this table. vllm: decode in vLLM through parloop's plugin, one-pass against "
+                           "loop-by-loop decoding (the fork's algorithm) for each --loops at --batch (with --sweep: "
+                           "each --sweep-loops at each --sweep-batches), --new-tokens steps, fp32, CPU; takes "
+                           "--preset, --window, --threads (default 1) and --json (JSON lines); needs the vllm extra "
+                           "(docs/vllm.md)")
     what.add_argument("--loops", type=_positive_int, nargs="+", default=[1, 2, 3, 4], help="loop counts R")
     what.add_argument("--modes", choices=LOOP_MODES, nargs="+", default=list(LOOP_MODES), help="loop modes")
     what.add_argument("--batch", type=_positive_int, default=1, help="sequences decoded together")
@@ -107,7 +114,46 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         compile=args.compile, repeat_reversed=args.repeat_reversed)
 
 
+# options of the parloop engine that the vLLM benchmark has no use for: giving one with --engine vllm is an error
+NOT_FOR_VLLM = ("modes", "context", "warmup", "compile", "repeat_reversed", "dtype", "device", "seed", "plot_dir",
+                "sweep_contexts", "bandwidth_mb") + tuple(option for option, _ in SHAPE_OPTIONS)
+
+
+def vllm_bench_argv(args: argparse.Namespace) -> list[str]:
+    """`python -m parloop.vllm.bench`'s arguments for these options; BenchError naming an option it cannot take."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    given = [name for name in NOT_FOR_VLLM if getattr(args, name) != defaults.get_default(name)]
+    if given:
+        raise BenchError(f"--{given[0].replace('_', '-')} does not apply to --engine vllm (vLLM runs parallel PLT, "
+                         "fp32 on CPU, one-pass against loop-by-loop decoding); leave it out")
+    if args.preset == "tiny":
+        raise BenchError("--preset tiny has heads of 16, and vLLM's CPU attention needs at least 32: use 100m or 1b")
+    loops, batches = (args.sweep_loops, args.sweep_batches) if args.sweep else (args.loops, [args.batch])
+    argv = ["--preset", args.preset, "--window", str(args.window), "--loops", *map(str, loops),
+            "--batch", *map(str, batches), "--tokens", str(args.new_tokens), "--threads", str(args.threads or 1)]
+    return argv + (["--out", str(args.json)] if args.json is not None else [])
+
+
+def run_vllm(args: argparse.Namespace) -> int:
+    """`--engine vllm`: the plugin's benchmark (parloop.vllm.bench) with these options."""
+    try:
+        argv = vllm_bench_argv(args)
+        bench = importlib.import_module("parloop.vllm.bench")  # vLLM is an optional extra: imported only here
+    except BenchError as err:
+        print(f"parloop bench: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:
+        print(f"parloop bench: error: --engine vllm needs vLLM ({err}): pip install -e '.[vllm]' "
+              "(scripts/setup.sh installs it)", file=sys.stderr)
+        return 2
+    bench.main(argv)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        return run_vllm(args)
     try:
         result = run_bench(options_from_args(args), progress=not args.no_progress)
     except BenchError as err:

@@ -1,14 +1,15 @@
 """Decode speed of PLT in vLLM: one-pass decoding against loop-by-loop decoding, in the same run (docs/vllm.md).
 
     python -m parloop.vllm.bench [--preset 100m] [--loops 1 2 3 4] [--batch 1 16] [--tokens 24] [--repeats 3]
+    parloop bench --engine vllm [--preset 100m] [--loops 1 2 3 4] [--batch 1] [--new-tokens 24]   (the same)
 
 For each loop count R one engine serves a randomly initialised model of the shape `parloop bench` uses (`--preset`:
-100m = hidden 768, 12 layers, 12 heads of 64, 4 KV heads, tied embeddings, 100.1M parameters; 1b = hidden 2048,
-22 layers), with the released window [64, 0]; each (batch, mode) then decodes `--tokens` tokens after a 16-token
-prompt per request, `--repeats` times, modes interleaved. The time per decode step is read off vLLM's own
-timestamps (first to last token of a request) and as this process's CPU time (the engine runs in-process on one
-thread by default), prefill not counted; the best repeat is reported. On a shared machine the CPU time is the figure
-to read: wall time counts whatever else the core ran.
+100m = hidden 768, 12 layers, 12 heads of 64, 4 KV heads, tied embeddings, 100.1M parameters; 1b = hidden 2048, 22
+layers), with the window [--window, 0] (default the released [64, 0]); each (batch, mode) then decodes `--tokens`
+tokens after a 16-token prompt per request, `--repeats` times, modes interleaved. The time per decode step is read
+off vLLM's own timestamps (first to last token of a request) and as this process's CPU time (the engine runs in-
+process on one thread by default), prefill not counted; the best repeat is reported. On a shared machine the CPU
+time is the figure to read: wall time counts whatever else the core ran.
 Loop-by-loop is the algorithm of the vLLM fork (every loop one more pass per token); parloop's plugin switches to
 it for this comparison only. A last table times the step's weight products alone (the first engine's linear layers,
 batch x 1..R rows): the part of a step that stacking the loops can share; the rest of a step is per-call work.
@@ -38,11 +39,11 @@ CLOCKS = ("cpu", "wall")
 PROMPT_TOKENS = 16
 
 
-def bench_config(loops: int, preset: str = "100m") -> PLTConfig:
+def bench_config(loops: int, preset: str = "100m", window: int = 64) -> PLTConfig:
     shape = PRESETS[preset]
     return PLTConfig(**shape, head_dim=shape["hidden_size"] // shape["num_attention_heads"],
                      tie_word_embeddings=True, max_position_embeddings=2048, plt_num_loops=loops,
-                     plt_window_size=[64, 0], plt_normalize_per_loop=True, plt_gate_use_hidden_states=True,
+                     plt_window_size=[window, 0], plt_normalize_per_loop=True, plt_gate_use_hidden_states=True,
                      bos_token_id=None, eos_token_id=None)
 
 
@@ -89,12 +90,12 @@ def weight_products_ms(model: nn.Module, rows: int, repeats: int) -> dict[str, f
                     head=best_ms(lambda: model.compute_logits(hidden)))
 
 
-def bench_loops(loops: int, batches: list[int], tokens: int, repeats: int, preset: str,
+def bench_loops(loops: int, batches: list[int], tokens: int, repeats: int, config: PLTConfig,
                 product_rows: list[int]) -> tuple[list[dict], list[dict]]:
     """Decode-step rows of every (batch, mode, clock) for this R, and the weight products for `product_rows`."""
     with tempfile.TemporaryDirectory() as directory:
         torch.manual_seed(0)
-        PLTForCausalLM(bench_config(loops, preset)).save_pretrained(directory)
+        PLTForCausalLM(config).save_pretrained(directory)
         llm = LLM(directory, skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=512,
                   max_num_seqs=max(batches), enable_prefix_caching=False, disable_log_stats=False, seed=0)
     rows = []
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=[p for p in PRESETS if p != "tiny"], default="100m",
                         help="model shape, as in `parloop bench` (default: 100m)")
+    parser.add_argument("--window", type=int, default=64, help="sliding window W of loops >= 1 (keys t-W..t)")
     parser.add_argument("--loops", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--tokens", type=int, default=24, help="decode steps timed per run")
@@ -157,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     product_rows = sorted({b * r for b in args.batch for r in range(1, max(args.loops) + 1)})
     products: list[dict] = []
     for i, loops in enumerate(args.loops):
-        step_rows, measured = bench_loops(loops, args.batch, args.tokens, args.repeats, args.preset,
-                                          product_rows if i == 0 else [])
+        step_rows, measured = bench_loops(loops, args.batch, args.tokens, args.repeats,
+                                          bench_config(loops, args.preset, args.window), product_rows if i == 0 else [])
         rows += step_rows
         products += measured
     if args.out:

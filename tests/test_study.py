@@ -109,8 +109,10 @@ def test_a_sweep_that_chooses_an_end_of_its_range_says_so() -> None:
     table = sweep_table(chosen)
     assert "| x 2 (edge) |" in table and "| x 1 |" in table
     assert "r1 (the largest, x 2)" in table and "parallel-r2 (" not in table
-    smallest = {Run(cells[0], scale, quick.sweep_seed, m): bpb for m, bpb in ((0.5, 2.4), (1.0, 2.6))}
+    smallest = {Run(cells[0], scale, quick.sweep_seed, m): bpb for m, bpb in ((0.5, 2.4), (1.0, 2.6), (2.0, 2.7))}
     assert choose_learning_rates(cells[:1], quick, smallest)["r1"]["edge"] == "smallest"
+    two = {run: bpb for run, bpb in smallest.items() if run.lr_multiplier < 2}  # two points bracket nothing
+    assert choose_learning_rates(cells[:1], quick, two)["r1"]["edge"] is None
     assert choose_learning_rates(cells[:1], quick, {})["r1"] == {"multiplier": 1.0, "val_bpb": {}, "edge": None}
 
 

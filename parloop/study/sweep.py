@@ -25,13 +25,14 @@ def choose_learning_rates(cells: Sequence[Cell], preset: Preset,
                           val_bpb: Mapping[Run, float]) -> dict[str, dict[str, Any]]:
     """Per cell: the validation bits per byte of each multiplier, the chosen one (the lowest; the preset's first
     multiplier of 1.0 when there was no sweep) and `edge`: "largest" or "smallest" when the chosen one is at that end
-    of a sweep of several multipliers, so that the best rate may lie outside the swept range (None otherwise)."""
+    of a sweep of three or more multipliers, so that the best rate may lie outside the swept range (None otherwise;
+    two multipliers, as in `--quick`, cannot bracket an optimum, so every choice would be an edge)."""
     chosen = {}
     for cell in cells:
         tried = {run.lr_multiplier: bpb for run, bpb in val_bpb.items() if run.cell == cell}
         best = min(tried, key=tried.__getitem__) if tried else 1.0
         edge = None
-        if len(tried) > 1 and best in (min(tried), max(tried)):
+        if len(tried) > 2 and best in (min(tried), max(tried)):
             edge = "largest" if best == max(tried) else "smallest"
         chosen[cell.name] = {"multiplier": best, "val_bpb": {f"{m:g}": v for m, v in sorted(tried.items())},
                              "edge": edge}

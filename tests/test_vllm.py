@@ -15,11 +15,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from conftest import tiny_model
+from torch import nn
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `pip install -e '.[dev,vllm]'` (scripts/setup.sh) runs "
                                    "these tests")
@@ -37,6 +39,7 @@ from parloop import PLTForCausalLM  # noqa: E402
 from parloop.cli import main as cli_main  # noqa: E402
 from parloop.vllm import bench as vllm_bench  # noqa: E402
 from parloop.vllm.bench import products_report, report, weight_products_ms  # noqa: E402
+from parloop.vllm.handoff import HandoffStore  # noqa: E402
 
 TOLERANCE = 1e-4
 BLOCK = 32  # the CPU attention kernels need blocks of a multiple of 32 tokens
@@ -208,6 +211,18 @@ def test_loop_by_loop_decoding_is_exact_too(stress_engine: tuple[LLM, PLTForCaus
     products = llm.apply_model(lambda m: weight_products_ms(m, 3, 1))[0]
     assert products["rows"] == 3 and products["layers"] >= 0 and products["head"] >= 0
     assert "| 3 |" in products_report([products])
+
+
+def test_a_padding_token_never_writes_a_state_into_a_request_s_page() -> None:
+    store = HandoffStore.__new__(HandoffStore)
+    nn.Module.__init__(store)
+    store.hidden_size, store.row, store.per_state = 6, 4, 2  # a state of 6 numbers takes 2 holders of 4
+    store.holders = [SimpleNamespace(kv_cache=torch.zeros(3, 1, 4, 4)) for _ in range(2)]  # 3 blocks of 4 slots
+    states = torch.arange(12.0).reshape(2, 6) + 1
+    store.write(0, states, torch.tensor([5, -1]))  # a real token at slot 5, a padding token (slot -1)
+    assert torch.equal(store.read(0, torch.tensor([5])), states[:1])
+    for holder in store.holders:  # the cache's last slot (block 2, offset 3) is untouched; slot 0 took the row
+        assert not holder.kv_cache[2, :, 3].any() and holder.kv_cache[0, :, 0].any()
 
 
 def test_bench_report_is_speed_up_and_cost_over_r1() -> None:

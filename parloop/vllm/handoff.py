@@ -64,7 +64,10 @@ class HandoffStore(nn.Module):
         return attn_metadata.get(self.holders[0].layer_name)
 
     def write(self, loop: int, states: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store `states` `[T, d]` of loop `loop` at cache `slots` `[T]`."""
+        """Store `states` `[T, d]` of loop `loop` at cache `slots` `[T]`. A padding token's slot is -1 (vLLM pads
+        batches for CUDA graphs, and its own cache writes skip them): its row goes to slot 0, in vLLM's null block,
+        which no request owns, instead of wrapping round to the last slot of the cache, which one may own."""
+        slots = slots.clamp(min=0)
         padded = nn.functional.pad(states, (0, self.per_state * self.row - self.hidden_size))
         for kv, part in zip(self._caches(loop), padded.split(self.row, dim=-1), strict=True):
             block = kv.shape[2]

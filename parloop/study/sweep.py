@@ -31,9 +31,7 @@ def choose_learning_rates(cells: Sequence[Cell], preset: Preset,
     for cell in cells:
         tried = {run.lr_multiplier: bpb for run, bpb in val_bpb.items() if run.cell == cell}
         best = min(tried, key=tried.__getitem__) if tried else 1.0
-        edge = None
-        if len(tried) > 2 and best in (min(tried), max(tried)):
-            edge = "largest" if best == max(tried) else "smallest"
+        edge = {max(tried): "largest", min(tried): "smallest"}.get(best) if len(tried) > 2 else None
         chosen[cell.name] = {"multiplier": best, "val_bpb": {f"{m:g}": v for m, v in sorted(tried.items())},
                              "edge": edge}
     return chosen

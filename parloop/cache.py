@@ -10,15 +10,15 @@
 `ForwardKV` is the same contract for a forward pass without a cache (training, scoring): it only remembers the keys
 of the current pass, with no copies, so gradients flow through them; its carries are zero (a sequence's start).
 
-Both hand out a `Step` from `begin()`: everything one forward call needs to know about slots (positions, masks, where
-new keys go), built once per call and shared by every layer and loop. The stores keep buffers only; per-call state
-lives in the `Step`, which the model passes back on every read and write. Which buffers exist comes from
-`PLTConfig.loop_layout`.
+A store keeps buffers only. Each forward call starts with `begin()`, which returns the call's own object (a
+`StoreCall`): the call's slot bookkeeping (`Step`: positions, masks, where new keys go) and every piece of per-call
+state (keys that carry gradients, the undo record, zero carries), with the reads and writes of that call. The model
+passes that one object to every layer. Which buffers exist comes from `PLTConfig.loop_layout`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -26,13 +26,17 @@ from transformers.cache_utils import Cache
 
 from parloop.attention import slot_mask
 from parloop.config import PLTConfig
+from parloop.journal import CallRecord, UndoJournal
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
+# every buffer of a PLTCache and its batch (sequence) dimension
+ROW_DIMS = {"keys": 2, "values": 2, "win_keys": 2, "win_values": 2, "carries": 1, "valid": 0, "real": 0}
 
-@dataclass
+
+@dataclass(frozen=True)
 class Step:
-    """Slot bookkeeping of one forward call over `T` new tokens that start at slot `start`."""
+    """Slot bookkeeping of one forward call over `T` new tokens that start at slot `start` (read-only)."""
 
     start: int
     position_ids: torch.Tensor  # [B, T] RoPE positions (count of real tokens before, per row)
@@ -43,91 +47,153 @@ class Step:
     ring_entries: torch.Tensor | None  # ring entries the last W+1 new tokens are written to (G-SWA loops only)
     span: int  # full-cache slots attended to (all capacity for a static cache)
     static: bool  # shapes are fixed across calls (a static cache): the step may run compiled
-    # full-cache keys/values written in this call that carry gradients, by (layer, loop): later loops of the same
-    # call read these, so that gradients reach them (a cache's buffers hold constants)
-    fresh: dict[tuple[int, int], KV] = field(default_factory=dict)
 
 
-@dataclass
-class _Undo:
-    """What one forward call changed in the window rings and carries, so that `PLTCache.crop` can take it back."""
+class StoreCall:
+    """One forward call's view of a store: its `Step` and the reads and writes the model makes during the call.
 
-    start: int
-    length: int
-    ring_entries: torch.Tensor | None
-    old_ring: dict[int, KV]  # layer -> the ring entries this call overwrote [R-1, B, Hkv, n, hd]
-    new_window: dict[int, KV]  # layer -> this call's window keys of every new token [R-1, B, Hkv, T, hd]
-    old_carries: torch.Tensor  # [R-1, B, d] before the call
-    handoffs: torch.Tensor | None = None  # [R-1, B, T, d] handoff states of every new token
+    Full-cache keys/values written in this call that carry gradients are kept here, by (layer, loop): later loops of
+    the same call read these, so that gradients reach them (a cache's buffers hold constants).
+    """
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+        self.fresh: dict[tuple[int, int], KV] = {}
+
+    def append(self, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """Write the new keys/values `[B, Hkv, T, hd]` of a full-cache loop; return all of them so far."""
+        raise NotImplementedError
+
+    def read(self, layer: int, loop: int) -> KV:
+        """The keys/values of full-cache loop `loop` (loop 0 for the global branch of G-SWA)."""
+        raise NotImplementedError
+
+    def window(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """New window keys `[B, S, Hkv, T, hd]` of loops `first..first+S-1` (>= 1): return what their local branch
+        attends to (earlier window keys, then the new ones) and keep the new ones for later calls."""
+        raise NotImplementedError
+
+    def read_carries(self, loops: slice) -> torch.Tensor:
+        """Carried states `[n, B, d]` of the loops in `loops` (index r: loop r's state at the slot before)."""
+        raise NotImplementedError
+
+    def write_carries(self, loops: slice, states: torch.Tensor) -> None:
+        """Handoff states `[n, B, T, d]` of every new token: the last one is the next call's carry."""
+        raise NotImplementedError
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The store's tensors this call writes in place (what a CUDA graph must find at a fixed address)."""
+        return []
 
 
 class KVStore(Protocol):
     """What the model needs from the store of keys, values and carried states (design §3)."""
 
     def begin(self, attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,
-              device: torch.device) -> Step:
-        """Reserve room for `length` new tokens; return their positions and masks."""
-
-    def append(self, step: Step, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        """Write the new keys/values `[B, Hkv, T, hd]` of a full-cache loop; return all of them so far."""
-
-    def read(self, step: Step, layer: int, loop: int) -> KV:
-        """The keys/values of full-cache loop `loop` (loop 0 for the global branch of G-SWA)."""
-
-    def window(self, step: Step, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        """New window keys `[B, S, Hkv, T, hd]` of loops `first..first+S-1` (>= 1): return what their local branch
-        attends to (earlier window keys, then the new ones) and keep the new ones for later calls."""
-
-    def read_carries(self, loops: slice) -> torch.Tensor:
-        """Carried states `[n, B, d]` of the loops in `loops` (index r: loop r's state at the slot before)."""
-
-    def write_carries(self, loops: slice, states: torch.Tensor) -> None:
-        """Handoff states `[n, B, T, d]` of every new token: the last one is the next call's carry."""
-
-
-# the batch (sequence) dimension of each per-sequence buffer
-ROW_DIMS = {"keys": 2, "values": 2, "win_keys": 2, "win_values": 2, "carries": 1, "valid": 0, "real": 0}
+              device: torch.device) -> StoreCall:
+        """Reserve room for `length` new tokens; return the call's positions, masks, reads and writes."""
 
 
 def _positions(valid_new: torch.Tensor, real_before: torch.Tensor) -> torch.Tensor:
     return (real_before[:, None] + valid_new.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class ForwardCall(StoreCall):
+    """A cache-less pass: keys live in the call, carries are zero (every row starts its sequence here)."""
+
+    def __init__(self, step: Step, zeros: torch.Tensor) -> None:
+        super().__init__(step)
+        self.zeros = zeros
+
+    def append(self, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        self.fresh[layer, loop] = (k, v)
+        return k, v
+
+    def read(self, layer: int, loop: int) -> KV:
+        return self.fresh[layer, loop]
+
+    def window(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        return k, v
+
+    def read_carries(self, loops: slice) -> torch.Tensor:
+        return self.zeros[loops]
+
+    def write_carries(self, loops: slice, states: torch.Tensor) -> None:
+        pass  # nothing follows a cache-less pass
+
+
 class ForwardKV:
-    """The `KVStore` of a single cache-less forward pass (training, scoring): keys live in the call's `Step`."""
+    """The `KVStore` of a single cache-less forward pass (training, scoring): it holds no buffer at all."""
 
     def __init__(self, config: PLTConfig) -> None:
         self.config = config
-        self._zeros: torch.Tensor | None = None
 
     def begin(self, attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,
-              device: torch.device) -> Step:
+              device: torch.device) -> ForwardCall:
         valid = (torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None
                  else attention_mask.to(device=device, dtype=torch.bool))
         slots = torch.arange(length, device=device)
         prev_valid = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
         layout = self.config.loop_layout
-        self._zeros = torch.zeros(layout.carry_loops, batch, self.config.hidden_size, dtype=dtype, device=device)
-        return Step(start=0, position_ids=_positions(valid, torch.zeros(batch, dtype=torch.long, device=device)),
+        zeros = torch.zeros(layout.carry_loops, batch, self.config.hidden_size, dtype=dtype, device=device)
+        step = Step(start=0, position_ids=_positions(valid, torch.zeros(batch, dtype=torch.long, device=device)),
                     prev_valid=prev_valid[..., None], global_mask=slot_mask(slots, slots, valid),
                     local_mask=slot_mask(slots, slots, valid, self.config.window) if layout.gated else None,
                     slots=slots, ring_entries=None, span=length, static=False)
+        return ForwardCall(step, zeros)
 
-    def append(self, step: Step, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        step.fresh[layer, loop] = (k, v)
-        return k, v
 
-    def read(self, step: Step, layer: int, loop: int) -> KV:
-        return step.fresh[layer, loop]
+class CacheCall(StoreCall):
+    """One forward call on a `PLTCache`: writes go into its buffers, and into `record` when the call may be undone."""
 
-    def window(self, step: Step, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        return k, v
+    def __init__(self, step: Step, cache: PLTCache, record: CallRecord | None) -> None:
+        super().__init__(step)
+        self.cache = cache
+        self.record = record
+
+    def append(self, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        step, cache = self.step, self.cache
+        cache.keys[layer, loop].index_copy_(2, step.slots, k.detach())
+        cache.values[layer, loop].index_copy_(2, step.slots, v.detach())
+        keys, values = self.read(layer, loop)
+        if k.requires_grad and torch.is_grad_enabled():
+            # the buffers hold constants; the new keys keep their graph, so gradients reach them as without a cache
+            end = step.start + k.shape[2]
+            keys = torch.cat([keys[:, :, :step.start], k, keys[:, :, end:]], dim=2)
+            values = torch.cat([values[:, :, :step.start], v, values[:, :, end:]], dim=2)
+            self.fresh[layer, loop] = (keys, values)
+        return keys, values
+
+    def read(self, layer: int, loop: int) -> KV:
+        if (layer, loop) in self.fresh:
+            return self.fresh[layer, loop]
+        span = self.step.span
+        return self.cache.keys[layer, loop, :, :, :span], self.cache.values[layer, loop, :, :, :span]
+
+    def window(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        cache, entries = self.cache, self.step.ring_entries
+        streams, new = k.shape[1], k.shape[3]
+        loops = slice(first - 1, first - 1 + streams)
+        ring_k = cache.win_keys[layer, loops].transpose(0, 1)
+        ring_v = cache.win_values[layer, loops].transpose(0, 1)
+        keys, values = torch.cat([ring_k, k], dim=3), torch.cat([ring_v, v], dim=3)
+        if self.record is not None:
+            self.record.record_window(layer, loops, (cache.win_keys[layer], cache.win_values[layer]), k, v)
+        keep = entries.shape[0]
+        cache.win_keys[layer, loops].index_copy_(3, entries, k[:, :, :, new - keep:].transpose(0, 1).detach())
+        cache.win_values[layer, loops].index_copy_(3, entries, v[:, :, :, new - keep:].transpose(0, 1).detach())
+        return keys, values
 
     def read_carries(self, loops: slice) -> torch.Tensor:
-        return self._zeros[loops]
+        return self.cache.carries[loops]
 
     def write_carries(self, loops: slice, states: torch.Tensor) -> None:
-        pass  # nothing follows a cache-less pass
+        self.cache.carries[loops] = states[:, :, -1].detach()
+        if self.record is not None:
+            self.record.record_handoffs(loops, states)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return list(self.cache.buffers().values())
 
 
 class PLTCache(Cache):
@@ -148,11 +214,17 @@ class PLTCache(Cache):
         self.capacity = max(1, int(max_length))
         self.static = static
         self.length = 0
+        self.journal = UndoJournal()  # what calls overwrote, so that `crop` can undo them
+        # the buffers (see the module docstring); None until the first forward call or `allocate`
         self.keys: torch.Tensor | None = None
-        self.record_past = False  # keep what each call overwrites, so that `crop` can undo it
-        self._journal: list[_Undo] = []
+        self.values: torch.Tensor | None = None
+        self.win_keys: torch.Tensor | None = None
+        self.win_values: torch.Tensor | None = None
+        self.carries: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None  # [B, T_max] which slots hold real tokens
+        self.real: torch.Tensor | None = None  # [B] real tokens per row
 
-    # -- allocation ---------------------------------------------------------------------------------------------
+    # -- buffers --------------------------------------------------------------------------------------------------
     def allocate(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate empty buffers for `batch` sequences (done by the first forward call when not called)."""
         c, layout = self.config, self.config.loop_layout
@@ -165,6 +237,21 @@ class PLTCache(Cache):
         self.carries = torch.zeros(layout.carry_loops, batch, c.hidden_size, **kw)
         self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
         self.real = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def allocated(self) -> bool:
+        return self.keys is not None
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Every buffer the cache holds, by name (empty when none is allocated)."""
+        return {name: getattr(self, name) for name in ROW_DIMS if getattr(self, name) is not None}
+
+    def reset(self) -> None:
+        """Forget every token and release every buffer (the next forward call allocates anew)."""
+        for name in ROW_DIMS:
+            setattr(self, name, None)
+        self.length = 0
+        self.journal.clear()
 
     def reserve(self, needed: int) -> None:
         """Make room for at least `needed` slots (doubling, so growth is amortised)."""
@@ -179,11 +266,11 @@ class PLTCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self.keys.shape[2] if self.allocated else 0
 
     # -- the KVStore contract -------------------------------------------------------------------------------------
     def begin(self, attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,
-              device: torch.device) -> Step:
+              device: torch.device) -> CacheCall:
         """Reserve slots for `length` new tokens and build this call's positions and masks."""
         if not self.allocated:
             self.allocate(batch, dtype, device)
@@ -213,10 +300,9 @@ class PLTCache(Cache):
                                    self.config.window)
             ring_entries = slots[-(self.config.window + 1):] % (self.config.window + 1)
         self.length = end
-        if self.record_past:
-            self._journal.append(_Undo(start, length, ring_entries, {}, {}, self.carries.clone()))
-        return Step(start, position_ids, prev[..., None], global_mask, local_mask, slots, ring_entries, span,
+        step = Step(start, position_ids, prev[..., None], global_mask, local_mask, slots, ring_entries, span,
                     self.static)
+        return CacheCall(step, self, self.journal.open(start, length, ring_entries, self.carries))
 
     def _ring_slots(self, start: int, device: torch.device) -> torch.Tensor:
         """The sequence slot that each ring-buffer entry holds before this call (-1: never written)."""
@@ -224,49 +310,6 @@ class PLTCache(Cache):
         entry = torch.arange(size, device=device)
         last = start - 1
         return last - torch.remainder(last - entry, size)
-
-    def append(self, step: Step, layer: int, loop: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        self.keys[layer, loop].index_copy_(2, step.slots, k.detach())
-        self.values[layer, loop].index_copy_(2, step.slots, v.detach())
-        keys, values = self.read(step, layer, loop)
-        if k.requires_grad and torch.is_grad_enabled():
-            # the buffers hold constants; the new keys keep their graph, so gradients reach them as without a cache
-            end = step.start + k.shape[2]
-            keys = torch.cat([keys[:, :, :step.start], k, keys[:, :, end:]], dim=2)
-            values = torch.cat([values[:, :, :step.start], v, values[:, :, end:]], dim=2)
-            step.fresh[layer, loop] = (keys, values)
-        return keys, values
-
-    def read(self, step: Step, layer: int, loop: int) -> KV:
-        if (layer, loop) in step.fresh:
-            return step.fresh[layer, loop]
-        return self.keys[layer, loop, :, :, :step.span], self.values[layer, loop, :, :, :step.span]
-
-    def window(self, step: Step, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        streams, new = k.shape[1], k.shape[3]
-        loops = slice(first - 1, first - 1 + streams)
-        ring_k = self.win_keys[layer, loops].transpose(0, 1)
-        ring_v = self.win_values[layer, loops].transpose(0, 1)
-        keys, values = torch.cat([ring_k, k], dim=3), torch.cat([ring_v, v], dim=3)
-        keep = step.ring_entries.shape[0]
-        if self.record_past:
-            self._record_window(layer, loops, k, v)
-        self.win_keys[layer, loops].index_copy_(3, step.ring_entries, k[:, :, :, new - keep:].transpose(0, 1).detach())
-        self.win_values[layer, loops].index_copy_(3, step.ring_entries,
-                                                  v[:, :, :, new - keep:].transpose(0, 1).detach())
-        return keys, values
-
-    def read_carries(self, loops: slice) -> torch.Tensor:
-        return self.carries[loops]
-
-    def write_carries(self, loops: slice, states: torch.Tensor) -> None:
-        self.carries[loops] = states[:, :, -1].detach()
-        if self.record_past:
-            undo = self._journal[-1]
-            if undo.handoffs is None:
-                undo.handoffs = torch.zeros(*self.carries.shape[:2], states.shape[2], self.carries.shape[-1],
-                                            dtype=states.dtype, device=states.device)
-            undo.handoffs[loops] = states.detach()
 
     # -- transformers Cache API -----------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -291,7 +334,7 @@ class PLTCache(Cache):
     def activate_past_recording(self) -> None:
         """Keep what each later forward call overwrites until the next `crop`, which can then undo those calls
         (what transformers' assisted decoding and deferred stop checks do)."""
-        self.record_past = True
+        self.journal.active = True
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` tokens (a negative int, as for transformers' caches): slots, window
@@ -303,58 +346,14 @@ class PLTCache(Cache):
         if keep < 0:
             raise ValueError(f"PLTCache.crop({tokens_to_remove}): the cache holds only {self.length} tokens")
         if keep < self.length:
-            self._undo_to(keep)
+            layout = self.config.loop_layout
+            if layout.gated or layout.offset:  # with full caches only, dropping slots is enough
+                self.journal.undo_to(keep, self.win_keys, self.win_values, self.carries)
             removed = self.valid[:, keep:self.length]
             self.real -= removed.sum(-1)
             removed.zero_()
             self.length = keep
-        self._journal.clear()
-
-    def _undo_to(self, keep: int) -> None:
-        layout = self.config.loop_layout
-        if not (layout.gated or layout.offset):
-            return  # full caches only: dropping slots is enough
-        if not self._journal or self._journal[0].start > keep:
-            raise RuntimeError(f"PLTCache cannot go back to {keep} tokens: the window rings and carried states of "
-                               "later tokens were not recorded; call cache.activate_past_recording() before the "
-                               "forward calls that may be undone")
-        while self._journal and self._journal[-1].start >= keep:
-            self._restore(self._journal.pop())
-        if self._journal and keep < self._journal[-1].start + self._journal[-1].length:
-            undo = self._journal.pop()
-            self._restore(undo)
-            self._replay(undo, keep)
-
-    def _restore(self, undo: _Undo) -> None:
-        for layer, (k, v) in undo.old_ring.items():
-            self.win_keys[layer].index_copy_(3, undo.ring_entries, k)
-            self.win_values[layer].index_copy_(3, undo.ring_entries, v)
-        self.carries.copy_(undo.old_carries)
-
-    def _replay(self, undo: _Undo, keep: int) -> None:
-        """Redo the part of `undo`'s call that stays: its tokens before slot `keep`."""
-        size = self.config.window + 1
-        first = max(undo.start, keep - size)
-        entries = torch.arange(first, keep, device=self.valid.device) % size
-        for layer, (k, v) in undo.new_window.items():
-            self.win_keys[layer].index_copy_(3, entries, k[:, :, :, first - undo.start:keep - undo.start])
-            self.win_values[layer].index_copy_(3, entries, v[:, :, :, first - undo.start:keep - undo.start])
-        if undo.handoffs is not None:
-            self.carries.copy_(undo.handoffs[:, :, keep - 1 - undo.start])
-
-    def _record_window(self, layer: int, loops: slice, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Journal the ring entries this call overwrites and its own window keys (all loops of a call come in one
-        `window` call in a stacked step, or loop by loop otherwise)."""
-        undo = self._journal[-1]
-        if layer not in undo.old_ring:
-            undo.old_ring[layer] = (self.win_keys[layer].index_select(3, undo.ring_entries),
-                                    self.win_values[layer].index_select(3, undo.ring_entries))
-            shape = list(self.win_keys[layer].shape)
-            shape[3] = undo.length
-            undo.new_window[layer] = (self.win_keys.new_zeros(shape), self.win_values.new_zeros(shape))
-        new_k, new_v = undo.new_window[layer]
-        new_k[loops] = k.transpose(0, 1).detach()
-        new_v[loops] = v.transpose(0, 1).detach()
+        self.journal.clear()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every sequence `repeats` times in place (as transformers' caches do for num_return_sequences)."""
@@ -367,96 +366,12 @@ class PLTCache(Cache):
             self.reorder_cache(torch.as_tensor(indices, device=self.valid.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.keys is None:
+        if not self.allocated:
             return
-        self._journal.clear()  # rows changed: the recorded past no longer matches them
+        self.journal.clear()  # rows changed: the recorded past no longer matches them
         for name, dim in ROW_DIMS.items():
             tensor = getattr(self, name)
             setattr(self, name, tensor.index_select(dim, beam_idx.to(tensor.device)))
-
-    # -- rows and slots, for continuous batching (parloop/inference/runner.py) -----------------------------------
-    def resize_rows(self, rows: int) -> None:
-        """Hold exactly `rows` sequences: keep the first ones, add empty (all-pad) rows at the end."""
-        for name, dim in ROW_DIMS.items():
-            tensor = getattr(self, name)
-            have = tensor.shape[dim]
-            if rows <= have:
-                tensor = tensor.narrow(dim, 0, rows).clone()
-            else:
-                shape = list(tensor.shape)
-                shape[dim] = rows - have
-                tensor = torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
-            setattr(self, name, tensor)
-
-    def shift_slots(self, delta: int) -> None:
-        """Move every row's tokens `delta` slots right (left when negative); what moves in from the left is padding.
-
-        Only slot differences enter the masks and positions count real tokens, so a shift changes no result. The
-        window rings hold slot p at entry p % (W+1): shifting the slot axis by delta rotates every ring by delta.
-        """
-        old, new = self.length, self.length + delta
-        if new < 0:
-            raise ValueError(f"cannot shift {old} slots by {delta}")
-        self.reserve(new)
-        keep = min(old, new)
-        src, dst = slice(old - keep, old), slice(new - keep, new)
-        for name in ("keys", "values"):
-            tensor = getattr(self, name)
-            moved = tensor[..., src, :].clone()
-            tensor[..., :new, :] = 0
-            tensor[..., dst, :] = moved
-        moved = self.valid[:, src].clone()
-        self.valid[:, :max(old, new)] = False
-        self.valid[:, dst] = moved
-        size = self.win_keys.shape[-2]
-        self.win_keys = torch.roll(self.win_keys, delta % size, dims=-2)
-        self.win_values = torch.roll(self.win_values, delta % size, dims=-2)
-        self.length = new
-
-    def clear_row(self, row: int) -> None:
-        """Make `row` empty: every slot padding, zero keys, values, windows and carries."""
-        for name, dim in ROW_DIMS.items():
-            getattr(self, name).select(dim, row).zero_()
-
-    def insert_row(self, row: int, src: PLTCache, src_row: int) -> None:
-        """Copy sequence `src_row` of `src` (a left-padded prefill cache) into `row`, its last token in this cache's
-        last slot; this cache is shifted right first when the sequence is longer than its slot span."""
-        n = int(src.real[src_row])
-        if n > self.length:
-            self.shift_slots(n - self.length)
-        self.clear_row(row)
-        end, src_end = self.length, src.length
-        self.keys[:, :, row, :, end - n:end] = src.keys[:, :, src_row, :, src_end - n:src_end]
-        self.values[:, :, row, :, end - n:end] = src.values[:, :, src_row, :, src_end - n:src_end]
-        self.valid[row, end - n:end] = True
-        self.real[row] = n
-        self.carries[:, row] = src.carries[:, src_row]
-        # ring entry e of src holds src slot p = e mod (W+1), which is slot p + (end - src_end) here
-        offset = (end - src_end) % self.win_keys.shape[-2]
-        self.win_keys[:, :, row] = torch.roll(src.win_keys[:, :, src_row], offset, dims=-2)
-        self.win_values[:, :, row] = torch.roll(src.win_values[:, :, src_row], offset, dims=-2)
-
-    def compact(self) -> None:
-        """Drop the leading slots that are padding in every row (rows that finished or were freed)."""
-        used = self.valid[:, :self.length].any(0)
-        first = int(used.int().argmax()) if bool(used.any()) else self.length
-        if first > 0:
-            self.shift_slots(-first)
-
-    def kv_bytes_in_use(self) -> int:
-        """Bytes of keys and values the rows' real tokens occupy (what a full cache would hold per sequence)."""
-        if not self.allocated:
-            return 0
-        return sum(self.sequence_kv_bytes(n) for n in self.real.tolist())
-
-    @property
-    def allocated(self) -> bool:
-        return self.keys is not None
-
-    def reset(self) -> None:
-        self.length = 0
-        self.keys = None
-        self._journal.clear()
 
     # -- size -----------------------------------------------------------------------------------------------------
     def kv_cache_bytes(self) -> int:
@@ -466,7 +381,7 @@ class PLTCache(Cache):
 
     def sequence_kv_bytes(self, tokens: int) -> int:
         """Bytes of keys and values that one sequence of `tokens` tokens holds, read off the buffers' shapes."""
-        if self.keys is None:
+        if not self.allocated:
             return 0
         layers, full_loops, _, kv_heads, _, head_dim = self.keys.shape
         win_loops, ring = self.win_keys.shape[1], self.win_keys.shape[-2]

@@ -1,4 +1,4 @@
-"""Decode-step kernels: CPU matrix products with a handful of rows, and the compiled (CUDA-graphed) layer stack.
+"""CPU matrix products with a handful of rows: the few-row layout tuner of a stacked decode step.
 
 A `parallel` decode step multiplies every weight matrix by R rows (one per loop stream) instead of one. The step is
 bound by reading the weights, so R rows should cost what one row costs. On CPU BLAS libraries they often do not:
@@ -9,8 +9,7 @@ of each (shape, rows, dtype, threads) are spread over the candidate layouts, tim
 it, the choice is then re-checked at a falling rate against the other layouts in back-to-back pairs of real calls,
 and changed when most recent pairs say so, so that a burst of load during the first calls cannot lock in a bad one.
 
-On a GPU the same step is launch-bound, not bandwidth-bound, unless its kernels are replayed from a CUDA graph:
-`compile_step` compiles the layer stack with `torch.compile(mode="reduce-overhead")` there (docs/design.md §3).
+On a GPU the same step is launch-bound instead; `parloop.compile` handles that (docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -20,13 +19,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from parloop.cache import PLTCache
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [M, K], W [N, K]) -> [M, N]
 
@@ -195,47 +191,3 @@ def use_few_row_kernels(model: nn.Module) -> nn.Module:
         if type(module) is nn.Linear:
             module.__class__ = FewRowLinear
     return model
-
-
-class CompiledStep:
-    """A one-token decode step `fn(h, ..., store, step) -> h` over a static cache, compiled once per device type.
-
-    On CUDA the mode defaults to "reduce-overhead": Inductor's fused kernels, replayed from a CUDA graph, so a step
-    costs a few launches instead of hundreds (a 100M model's step is ~1 % of an H100's bandwidth when every op is
-    launched on its own). The graph writes the cache in place, which cudagraphs allow only for inputs at a fixed
-    address, so every buffer of a `PLTCache` argument is marked static (a store keeps buffers only, design §3; a
-    buffer replaced later, e.g. by `reorder_cache`, makes the graph re-record). The result is copied out of the
-    graph's memory, which its next replay overwrites.
-    """
-
-    def __init__(self, fn: Callable[..., torch.Tensor], **compile_kwargs: Any) -> None:
-        self.fn, self.compile_kwargs = fn, compile_kwargs
-        self.compiled: dict[str, Callable[..., torch.Tensor]] = {}
-
-    def _for(self, device: torch.device) -> Callable[..., torch.Tensor]:
-        compiled = self.compiled.get(device.type)
-        if compiled is None:
-            kwargs = dict(self.compile_kwargs)
-            if device.type == "cuda" and "options" not in kwargs:
-                kwargs.setdefault("mode", "reduce-overhead")
-            compiled = self.compiled[device.type] = torch.compile(self.fn, dynamic=False, **kwargs)
-        return compiled
-
-    def __call__(self, h: torch.Tensor, *args: Any) -> torch.Tensor:
-        compiled = self._for(h.device)
-        if h.device.type != "cuda":
-            return compiled(h, *args)
-        for store in args:
-            if isinstance(store, PLTCache):
-                for buffer in vars(store).values():
-                    if isinstance(buffer, torch.Tensor):
-                        torch._dynamo.mark_static_address(buffer)
-        return compiled(h, *args).clone()
-
-
-def compile_step(fn: Callable[..., torch.Tensor], **compile_kwargs: Any) -> CompiledStep:
-    """`torch.compile` a one-token decode step whose shapes never change (a static cache), as a `CompiledStep`."""
-    # Dynamo caches compiled graphs per code object, so every model in a process (and every loop index of the
-    # sequential modes) shares the step's budget of recompilations; past it, decoding silently runs eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return CompiledStep(fn, **compile_kwargs)

@@ -26,15 +26,21 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from parloop import plt
 from parloop.attention import attend
-from parloop.cache import ForwardKV, KVStore, PLTCache, Step
+from parloop.cache import ForwardKV, KVStore, PLTCache, StoreCall
 from parloop.checkpoint import load_strict
+from parloop.compile import compile_step
 from parloop.config import PLTConfig
-from parloop.kernels import compile_step
 
-# Keyword arguments that transformers may pass and that change nothing here: parloop tracks cache slots itself,
-# and the loss takes its own keyword arguments.
-IGNORED_KWARGS = {"cache_position", "num_items_in_batch"}
+# Keyword arguments of the causal-LM loss (transformers' `ForCausalLMLoss`), which `PLTForCausalLM.forward` hands
+# to it as Llama does: gradient accumulation's token count, pre-shifted labels, the label to ignore.
+LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+# Keyword arguments that transformers passes to a forward call and that change nothing in the model: parloop tracks
+# cache slots itself (`cache_position`), the loss count belongs to the loss, and `generate()` forwards its
+# generation-mode arguments (the tokenizers of stop strings and assisted decoding,
+# `GenerationMixin._extract_generation_mode_kwargs`) to every call.
+IGNORED_KWARGS = {"cache_position", "num_items_in_batch", "tokenizer", "assistant_tokenizer"}
 
 
 class PLTRMSNorm(nn.Module):
@@ -161,16 +167,15 @@ class PLTAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
         self.layout = config.loop_layout
-        if self.layout.gated or config.plt_num_loops == 1:
-            # the released model code builds the gate whatever the loop count, so its R = 1 checkpoints carry one
-            # (unused here); parloop's own R = 1 checkpoints may lack it (see checkpoint.load_strict)
+        if plt.builds_gate(config):  # at R = 1 too, unused (parloop.plt)
             self.plt_gate = PLTGate(config)
         self.probe: Callable[[AttentionRecord], None] | None = None  # see PLTModel.set_attention_probe
 
     def forward(self, x: torch.Tensor, h_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                first_loop: int, kv: KVStore, step: Step) -> torch.Tensor:
+                first_loop: int, call: StoreCall) -> torch.Tensor:
         """x: normed block input `[B, S, T, d]` of loops first_loop..first_loop+S-1; h_in: the same before the norm."""
         B, S, T, _ = x.shape
+        step = call.step
         H, Hkv, hd, layer = self.num_heads, self.num_kv_heads, self.head_dim, self.layer_idx
         q = apply_rope(self.q_proj(x).view(B, S, T, H, hd).transpose(2, 3), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, S, T, Hkv, hd).transpose(2, 3), cos, sin)
@@ -179,15 +184,15 @@ class PLTAttention(nn.Module):
         g = None
         if not self.layout.gated:
             # R = 1, or vanilla looped (`sequential`): plain causal attention over this loop's own full cache
-            keys, values = kv.append(step, layer, self.layout.full_cache_of(first_loop), k[:, 0], v[:, 0])
+            keys, values = call.append(layer, self.layout.full_cache_of(first_loop), k[:, 0], v[:, 0])
             out = attend(q[:, 0], keys, values, step.global_mask)[:, None]
         else:
             # Global branch: every stream attends to loop 0's keys of this layer. Loop 0's stream writes them
             # first; streams are folded into the query rows (with T = 1 or S = 1 the mask broadcasts).
             if first_loop == 0:
-                keys, values = kv.append(step, layer, 0, k[:, 0], v[:, 0])
+                keys, values = call.append(layer, 0, k[:, 0], v[:, 0])
             else:
-                keys, values = kv.read(step, layer, 0)
+                keys, values = call.read(layer, 0)
             rows = q.transpose(1, 2).reshape(B, H, S * T, hd)
             out = attend(rows, keys, values, step.global_mask).view(B, H, S, T, hd).transpose(1, 2)
 
@@ -197,7 +202,7 @@ class PLTAttention(nn.Module):
             if lo < S:
                 n = S - lo
                 qs = q[:, lo:]
-                wk, wv = kv.window(step, layer, first_loop + lo, k[:, lo:], v[:, lo:])
+                wk, wv = call.window(layer, first_loop + lo, k[:, lo:], v[:, lo:])
                 local = attend(qs.reshape(B, n * H, T, hd), wk.reshape(B, n * Hkv, -1, hd),
                                wv.reshape(B, n * Hkv, -1, hd), step.local_mask).view(B, n, H, T, hd)
                 g = self.plt_gate(qs, h_in[:, lo:])
@@ -216,9 +221,9 @@ class PLTDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = PLTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = PLTRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int, kv: KVStore,
-                step: Step) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), h, cos, sin, first_loop, kv, step)
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int,
+                call: StoreCall) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), h, cos, sin, first_loop, call)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -260,8 +265,8 @@ class PLTPreTrainedModel(PreTrainedModel):
     def num_used_parameters(self) -> int:
         """Parameters the forward pass uses: an R = 1 model keeps G-SWA gate weights (as the released code writes
         them) that it never applies."""
-        unused = ".plt_gate." if self.config.plt_num_loops == 1 else None
-        return sum(p.numel() for name, p in self.named_parameters() if unused is None or unused not in name)
+        unused = plt.unused_gate(self.config)
+        return sum(p.numel() for name, p in self.named_parameters() if not (unused and plt.is_gate_weight(name)))
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -280,6 +285,7 @@ class PLTModel(PLTPreTrainedModel):
         self.layers = nn.ModuleList(PLTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = PLTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = PLTRotaryEmbedding(config)
+        self.loop_scales = plt.loop_scales(config)
         self.compiled_layers = None  # set by PLTForCausalLM.compile_decode
         self.post_init()
 
@@ -294,29 +300,20 @@ class PLTModel(PLTPreTrainedModel):
         for layer in self.layers:
             layer.self_attn.probe = probe
 
-    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int, kv: KVStore,
-                step: Step, collect: list[torch.Tensor] | None) -> torch.Tensor:
-        if self.compiled_layers is not None and step.static and h.shape[2] == 1 and collect is None:
-            return self.compiled_layers(h, cos, sin, first_loop, kv, step)
-        return self.run_layers(h, cos, sin, first_loop, kv, step, collect)
+    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int, call: StoreCall,
+                collect: list[torch.Tensor] | None) -> torch.Tensor:
+        if self.compiled_layers is not None and call.step.static and h.shape[2] == 1 and collect is None:
+            return self.compiled_layers(h, cos, sin, first_loop, call)
+        return self.run_layers(h, cos, sin, first_loop, call, collect)
 
-    def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int, kv: KVStore,
-                   step: Step, collect: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_loop: int, call: StoreCall,
+                   collect: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The layer stack over streams `[B, S, T, d]`; each layer's output is appended to `collect` if given."""
         for layer in self.layers:
-            h = layer(h, cos, sin, first_loop, kv, step)
+            h = layer(h, cos, sin, first_loop, call)
             if collect is not None:
                 collect.append(h)
         return h
-
-    def _loop_input(self, emb: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        a = 1.0 if self.config.plt_emb_scale is None else self.config.plt_emb_scale
-        b = 1.0 if self.config.plt_hidden_scale is None else self.config.plt_hidden_scale
-        return a * emb + b * prev
-
-    def _handoff(self, h: torch.Tensor) -> torch.Tensor:
-        """What loop r passes to loop r+1: H[r] = norm(h) if plt_normalize_per_loop else h."""
-        return self.norm(h) if self.config.plt_normalize_per_loop else h
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: PLTCache | None = None,
@@ -334,21 +331,19 @@ class PLTModel(PLTPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = emb.shape
-        if use_cache and past_key_values is None:
-            past_key_values = PLTCache(self.config, max_length=T)
-        cache = past_key_values if use_cache or past_key_values is not None else None
-        kv: KVStore = cache if cache is not None else ForwardKV(self.config)
-        step = kv.begin(attention_mask, B, T, emb.dtype, emb.device)
+        cache = PLTCache(self.config, max_length=T) if use_cache and past_key_values is None else past_key_values
+        store: KVStore = cache if cache is not None else ForwardKV(self.config)
+        call = store.begin(attention_mask, B, T, emb.dtype, emb.device)
         bound = None
         if position_ids is None:  # our positions count real tokens, so they stay below the slot count
-            position_ids, bound = step.position_ids, step.start + T
+            position_ids, bound = call.step.position_ids, call.step.start + T
         cos, sin = self.rotary_emb(position_ids, emb.dtype, bound)
 
         collect = [] if hidden else None
         if cache is not None and T == 1 and self.config.loop_layout.offset:
-            h, states = self._decode_stacked(emb, cos, sin, kv, step, collect)
+            h, states = self._decode_stacked(emb, cos, sin, call, collect)
         else:
-            h, states = self._loops_one_by_one(emb, cos, sin, kv, step, collect)
+            h, states = self._loops_one_by_one(emb, cos, sin, call, collect)
         out = PLTModelOutput(last_hidden_state=self.norm(h), past_key_values=cache,
                              hidden_states=(emb, *collect[:-1], self.norm(h)) if hidden else None,
                              loop_states=tuple(states) if output_loop_states else None)
@@ -375,28 +370,29 @@ class PLTModel(PLTPreTrainedModel):
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return bool(use_cache), bool(hidden), self.config.return_dict if return_dict is None else return_dict
 
-    def _loops_one_by_one(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, step: Step,
+    def _loops_one_by_one(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, call: StoreCall,
                           collect: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Training, prefill and the sequential modes: loop r runs over the whole chunk after loop r-1."""
         states = []
-        h = self._layers(emb[:, None], cos, sin, 0, kv, step, collect)[:, 0]
+        h = self._layers(emb[:, None], cos, sin, 0, call, collect)[:, 0]
         states.append(h)
         for r in range(1, self.config.plt_num_loops):
-            prev = self._handoff(h)
+            prev = plt.handoff(h, self.norm, self.config)
             if self.config.loop_layout.offset:
                 # the offset: loop r at t reads loop r-1 at t-1; the carry is loop r-1's state at the slot before
                 # this chunk (zero at the start); a pad slot before a token contributes nothing.
                 loops = slice(r - 1, r)
-                shifted = torch.cat([kv.read_carries(loops).transpose(0, 1), prev[:, :-1]], dim=1) * step.prev_valid
-                kv.write_carries(loops, prev[None])  # after the read: a cache hands out views
+                carried = call.read_carries(loops).transpose(0, 1)
+                shifted = torch.cat([carried, prev[:, :-1]], dim=1) * call.step.prev_valid
+                call.write_carries(loops, prev[None])  # after the read: a cache hands out views
                 prev = shifted
-            h = self._layers(self._loop_input(emb, prev)[:, None], cos, sin, r, kv, step, collect)[:, 0]
+            h = self._layers(plt.loop_input(emb, prev, self.loop_scales)[:, None], cos, sin, r, call, collect)[:, 0]
             states.append(h)
         if collect is not None:
             collect[:] = [c[:, 0] for c in collect]
         return h, states
 
-    def _decode_stacked(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, step: Step,
+    def _decode_stacked(self, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, call: StoreCall,
                         collect: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One new token in `parallel` mode: all R loops as R streams through each layer once.
 
@@ -404,11 +400,11 @@ class PLTModel(PLTPreTrainedModel):
         independent within the step. Afterwards stream r (< R-1) becomes the carry for loop r+1.
         """
         every = slice(None)
-        carries = kv.read_carries(every)[:, :, None].transpose(0, 1)  # [B, R-1, 1, d]
-        carried = self._loop_input(emb[:, None], carries * step.prev_valid[:, None])
+        carries = call.read_carries(every)[:, :, None].transpose(0, 1)  # [B, R-1, 1, d]
+        carried = plt.loop_input(emb[:, None], carries * call.step.prev_valid[:, None], self.loop_scales)
         streams = torch.cat([emb[:, None], carried], dim=1)  # [B, R, 1, d]
-        h = self._layers(streams, cos, sin, 0, kv, step, collect)
-        kv.write_carries(every, self._handoff(h[:, :-1]).transpose(0, 1))
+        h = self._layers(streams, cos, sin, 0, call, collect)
+        call.write_carries(every, plt.handoff(h[:, :-1], self.norm, self.config).transpose(0, 1))
         if collect is not None:  # per layer [B, R, 1, d] -> loop-major, like the one-by-one order
             collect[:] = [c[:, r] for r in range(h.shape[1]) for c in collect]
         return h[:, -1], list(h.unbind(1))
@@ -443,7 +439,7 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
                 output_attentions: bool | None = None, return_dict: bool | None = None, **kwargs) -> PLTOutput | tuple:
         """Logits of the final loop, and the shifted next-token cross-entropy when `labels` are given (-100 is
         ignored), like any causal LM in `transformers`. See `PLTModel.forward` for the other outputs."""
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
+        loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_loop_states, output_hidden_states, output_attentions, return_dict=True, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

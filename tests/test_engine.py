@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from conftest import tiny_model
 from parloop import PLTCache
 from parloop.inference import engine as engine_module
 from parloop.inference.engine import Engine, LimitError, QueueFull, SamplingParams, Sequence
+from parloop.inference.rows import RowCache
 from parloop.inference.sampling import make_generator, sample
 
 
@@ -51,6 +53,29 @@ def run_plan(engine: Engine, prompts: list[list[int]], plan: list[tuple[int, int
     return [seqs[i] for i in range(len(plan))]
 
 
+def tensor_bytes_held(obj: Any) -> int:
+    """Bytes of every tensor reachable from `obj` through attributes and containers (each storage
+    counted once): what keeping `obj` alive keeps in memory, whatever its fields are called."""
+    seen_objects: set[int] = set()
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen_objects:
+            continue
+        seen_objects.add(id(item))
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__") and not isinstance(item, (type, torch.nn.Module)):  # not a class nor a model
+            stack.extend(vars(item).values())
+    return sum(storages.values())
+
+
 def random_prompts(plan: list[tuple[int, int, int]], vocab: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (n,), generator=gen).tolist() for _, n, _ in plan]
@@ -75,7 +100,48 @@ def test_concurrent_greedy_equals_generate_alone(mode: str, loops: int, max_batc
     for seq, prompt, (_, _, max_tokens) in zip(seqs, prompts, PLAN, strict=True):
         assert seq.output_ids == greedy_alone(model, prompt, max_tokens)
         assert seq.finish_reason == "length"
-    assert engine.batch_size == 0 and engine.cache.keys is None  # idle: the cache is released
+    assert engine.batch_size == 0 and tensor_bytes_held(engine.cache) == 0  # idle: the cache holds no buffer
+
+
+@pytest.mark.parametrize(("mode", "loops"), [("parallel", 3), ("sequential", 2)])
+def test_reset_releases_every_buffer(mode: str, loops: int) -> None:
+    model = tiny_model(plt_loop_mode=mode, plt_num_loops=loops)
+    cache = PLTCache(model.config)
+    cache.activate_past_recording()  # the journal's records hold tensors too
+    with torch.no_grad():
+        model(torch.randint(1, 61, (2, 6)), past_key_values=cache, use_cache=True)
+        model(torch.randint(1, 61, (2, 1)), past_key_values=cache, use_cache=True)
+    assert tensor_bytes_held(cache) > 0
+    cache.reset()
+    assert tensor_bytes_held(cache) == 0 and cache.get_seq_length() == 0
+    with torch.no_grad():  # and it works again from scratch
+        ids = torch.randint(1, 61, (1, 4))
+        torch.testing.assert_close(model(ids, past_key_values=cache, use_cache=True).logits, model(ids).logits)
+
+
+def test_an_idle_server_engine_holds_no_kv_buffer() -> None:
+    model = tiny_model(plt_num_loops=3)
+    engine = Engine(model, max_batch_size=4)
+    done = threading.Event()
+    running_bytes: list[int] = []
+
+    def listener(token: int | None, reason: str | None) -> None:  # on the engine thread, mid-generation
+        running_bytes.append(tensor_bytes_held(engine.cache))
+        if reason is not None:
+            done.set()
+
+    engine.start()
+    try:
+        engine.submit([1, 2, 3, 4, 5], SamplingParams(max_tokens=6, temperature=0), listener)
+        assert done.wait(60)
+        for _ in range(200):  # the step that finished the sequence releases the cache when it ends
+            if not engine.has_work() and tensor_bytes_held(engine.cache) == 0:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        engine.stop()
+    assert max(running_bytes) > 0  # the measurement sees the cache while it is in use
+    assert tensor_bytes_held(engine.cache) == 0
 
 
 def test_batch_really_shares_decode_steps() -> None:
@@ -85,10 +151,9 @@ def test_batch_really_shares_decode_steps() -> None:
         engine.submit(prompt, GREEDY, ignore)
     engine.step()
     assert engine.batch_size == 3 and engine.cache.batch_size == 3
-    # every row ends at the last slot; the span is the longest sequence (6 prompt + 1 decoded token)
-    assert engine.cache.length == 7
-    assert engine.cache.real.tolist() == [4, 7, 2]
-    assert engine.cache.valid[:, engine.cache.length - 1].all()
+    # rows end at the last slot, so the span is the longest sequence (6 prompt + 1 decoded token)
+    assert engine.cache.get_seq_length() == 7
+    assert engine.cache.row_tokens() == [4, 7, 2]
 
 
 def test_shift_and_insert_change_no_logits() -> None:
@@ -98,18 +163,18 @@ def test_shift_and_insert_change_no_logits() -> None:
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     nxt = torch.randint(1, 61, (2, 1), generator=gen)
     with torch.no_grad():
-        cache = PLTCache(model.config)
+        cache = RowCache(model.config)
         model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        moved = PLTCache(model.config)
+        moved = RowCache(model.config)
         model(ids, attention_mask=mask, past_key_values=moved, use_cache=True)
         moved.shift_slots(5)  # 5 is not a multiple of the ring size 3
         expected = model(nxt, past_key_values=cache, use_cache=True).logits
         shifted = model(nxt, past_key_values=moved, use_cache=True).logits
         assert (shifted - expected).abs().max() <= 1e-5
-        assert moved.length == 12 and not moved.valid[:, :5].any()
+        assert moved.get_seq_length() == 12 and moved.row_tokens() == cache.row_tokens()
 
         # the same two rows moved one by one into a batch whose span is longer, in the other order
-        batch = PLTCache(model.config)
+        batch = RowCache(model.config)
         model(torch.randint(1, 61, (2, 9), generator=gen), past_key_values=batch, use_cache=True)
         batch.insert_row(0, cache, 1)
         batch.insert_row(1, cache, 0)
@@ -170,7 +235,7 @@ def test_cancel_frees_the_row_at_the_next_step() -> None:
     engine.step()
     assert long.finish_reason == "cancelled" and engine.batch_size == 1
     # the long row was row 0: its slots are gone, the batch is now just the short sequence's span
-    assert engine.cache.length == len(short.prompt_ids) + len(short.output_ids) - 1
+    assert engine.cache.get_seq_length() == len(short.prompt_ids) + len(short.output_ids) - 1
     assert engine.finished_total["cancelled"] == 1
     engine.run_until_done()
     assert short.output_ids == greedy_alone(model, [9, 10], 6)

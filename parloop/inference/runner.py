@@ -1,8 +1,9 @@
 """The model side of continuous batching: one `PLTCache` whose rows are sequences, and the forward calls on it.
 
 Every row's tokens end at the cache's last slot; shorter rows are left-padded, so rows of different lengths decode
-in one forward call, all R loops stacked (docs/design.md §3). Row and slot surgery is the cache's own
-(`insert_row`, `clear_row`, `resize_rows`, `compact`); the runner only says which rows, never reads its buffers.
+in one forward call, all R loops stacked (docs/design.md §3). Row and slot surgery is the `RowCache`'s
+(`inference/rows.py`); the runner only says which rows, never reads its buffers. Which rows are in use is the
+scheduler's to decide; the runner keeps no count of its own (the cache's `batch_size` is how many it holds).
 """
 
 from __future__ import annotations
@@ -10,18 +11,18 @@ from __future__ import annotations
 import torch
 
 from parloop.cache import PLTCache
+from parloop.inference.rows import RowCache
 from parloop.model import PLTForCausalLM
 from parloop.padding import left_pad
 
 
 class ModelRunner:
-    """Owns the model and the batched cache; `rows` is how many rows the cache holds."""
+    """Owns the model and the batched cache."""
 
     def __init__(self, model: PLTForCausalLM) -> None:
         self.model = model.eval()
-        self.cache = PLTCache(model.config, max_length=256)
+        self.cache = RowCache(model.config, max_length=256)
         self.pad_token_id = model.config.pad_token_id or 0
-        self.rows = 0
 
     def prefill(self, prompts: list[list[int]], keep_hidden: bool = False
                 ) -> tuple[torch.Tensor, PLTCache, torch.Tensor | None]:
@@ -48,9 +49,8 @@ class ModelRunner:
         """Move sequence `index` of a `prefill` cache into `row`, adding rows up to it when the cache has fewer."""
         if not self.cache.allocated:
             self.cache.allocate(0, self.model.dtype, self.model.device)
-        if row >= self.rows:
-            self.rows = row + 1
-            self.cache.resize_rows(self.rows)
+        if row >= self.cache.batch_size:
+            self.cache.resize_rows(row + 1)
         self.cache.insert_row(row, prefilled, index)
 
     def decode(self, tokens: list[int | None]) -> torch.Tensor:
@@ -71,13 +71,11 @@ class ModelRunner:
         if rows == 0:
             self.reset()
             return 0
-        if self.rows > rows:
-            self.rows = rows
+        if self.cache.batch_size > rows:
             self.cache.resize_rows(rows)
         self.cache.compact()
         return self.cache.kv_bytes_in_use()
 
     def reset(self) -> None:
-        """Release the cache (after a failed step, or when idle)."""
+        """Release every buffer of the cache (after a failed step, or when idle)."""
         self.cache.reset()
-        self.rows = 0

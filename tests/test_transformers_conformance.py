@@ -15,9 +15,11 @@ import torch
 from conftest import tiny_config, tiny_model
 from plt_reference import reference_logits
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, DynamicCache
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerFast
 
 from parloop import CheckpointError, PLTCache, PLTConfig, PLTForCausalLM
+from parloop.bench.models import build_reference
 
 MODES = ("parallel", "sequential_shared", "sequential")
 CONFIGS = [(mode, loops) for mode in MODES for loops in (1, 2, 3)]
@@ -323,3 +325,45 @@ def test_beam_search_scores_equal_the_full_forward(mode: str) -> None:
     new = out.sequences[:, 6:]
     direct = logprobs[:, 5:-1].gather(-1, new[..., None])[..., 0].sum(-1)
     assert torch.allclose(direct, out.sequences_scores, atol=1e-4)
+
+
+def _char_tokenizer(vocab: int = 61) -> PreTrainedTokenizerFast:
+    """One character per token, so a text's characters are its tokens one to one."""
+    chars = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"[:vocab]
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, merges=[]))
+    backend.decoder = decoders.Fuse()  # tokens join without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.mark.parametrize(("mode", "loops"), CONFIGS)
+def test_generate_stops_at_a_stop_string(mode: str, loops: int) -> None:
+    model, tok = ModelTester(mode, loops).model(), _char_tokenizer()
+    ids = torch.tensor([[5, 17, 30, 9, 44]])
+    free = _greedy(model, ids, new=16)[0].tolist()
+    text = "".join(tok.convert_ids_to_tokens(free))
+    # two generated characters; generation stops at the first token that completes them (a token is a character),
+    # also where they straddle the prompt's end
+    n = ids.shape[1]
+    stop = text[n + 3:n + 5]
+    end = next(j + 2 for j in range(n - 1, len(text) - 1) if text[j:j + 2] == stop)
+    stopped = _greedy(model, ids, new=16, stop_strings=[stop], tokenizer=tok)
+    assert stopped[0].tolist() == free[:end]
+    if loops == 1:  # R = 1 is Llama: the same weights stop at the same token through transformers' own model
+        llama = build_reference(model.config, model.state_dict())
+        assert torch.equal(_greedy(llama, ids, new=16, stop_strings=[stop], tokenizer=tok), stopped)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shift_labels_give_the_loss_of_their_labels(mode: str) -> None:
+    tester = ModelTester(mode, 2)
+    model, ids = tester.model(), tester.inputs()
+    labels = ids.clone()
+    labels[0, :3] = -100
+    shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    shift[1, 4] = -100  # pre-shifted labels may ignore what the plain ones would not
+    with torch.no_grad():
+        out = model(ids, labels=labels, shift_labels=shift)
+    expected = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), shift.reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    plain = model(ids, labels=labels).loss
+    assert not torch.allclose(out.loss, plain)  # the pre-shifted labels were used, not the plain ones

@@ -13,6 +13,8 @@ from typing import Any
 
 from safetensors import safe_open
 
+from parloop import plt
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is incomplete, corrupt, or whose weights do not match the model its config describes."""
@@ -42,7 +44,7 @@ def check_weight_files(directory: Path) -> None:
 def mismatch_problems(info: dict[str, Any], unused_gate: bool) -> list[str]:
     """The loading report of `from_pretrained(..., output_loading_info=True)` as a list of problems. With
     `unused_gate` (a model with one loop), a missing G-SWA gate is not one: the gate is never used."""
-    missing = [k for k in info["missing_keys"] if not (unused_gate and ".self_attn.plt_gate." in k)]
+    missing = [k for k in info["missing_keys"] if not (unused_gate and plt.is_gate_weight(k))]
     problems = [f"missing weight {k}" for k in sorted(missing)]
     problems += [f"unexpected weight {k}" for k in sorted(info["unexpected_keys"])]
     problems += [f"weight {m[0]} has shape {tuple(m[1])} in the checkpoint but the config needs {tuple(m[2])}"
@@ -58,7 +60,7 @@ def load_strict(load: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     want_info = kwargs.pop("output_loading_info", False)
     kwargs.setdefault("ignore_mismatched_sizes", True)  # so that we can name the key ourselves
     model, info = load(*args, output_loading_info=True, **kwargs)
-    problems = mismatch_problems(info, unused_gate=getattr(model.config, "plt_num_loops", 0) == 1)
+    problems = mismatch_problems(info, unused_gate=plt.unused_gate(model.config))
     if problems:
         fields = ", ".join(model.config.weight_fields)
         raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems)

@@ -27,7 +27,7 @@ from transformers.core_model_loading import WeightRenaming
 
 from parloop.checkpoint import CheckpointError, load_strict
 from parloop.config import ConfigError, PLTConfig
-from parloop.model import PLTDecoderLayer, PLTForCausalLM, PLTGate, PLTModel
+from parloop.model import PLTForCausalLM, PLTModel
 
 V1_MODEL_TYPE = "iquestloopcoder"
 V1_ARCHITECTURE = "IQuestLoopCoderForCausalLM"
@@ -115,22 +115,10 @@ class LoopCoderV1Config(PLTConfig):
         return out
 
 
-def _gate_every_layer(layers: Iterable[PLTDecoderLayer], config: LoopCoderV1Config) -> None:
-    """Give every layer a gate, as the released code does whatever `loop_num` is: a `loop_num = 1` checkpoint carries
-    gate weights (unused at R = 1), which must load and save back."""
-    for layer in layers:
-        if not hasattr(layer.self_attn, "plt_gate"):
-            layer.self_attn.plt_gate = PLTGate(config)
-
-
 class LoopCoderV1Model(PLTModel):
     """The decoder stack of a LoopCoder-V1 model (`AutoModel`); parloop's `PLTModel` with V1's config and names."""
 
     config_class = LoopCoderV1Config
-
-    def post_init(self) -> None:
-        _gate_every_layer(self.layers, self.config)
-        super().post_init()
 
 
 class LoopCoderV1ForCausalLM(PLTForCausalLM):
@@ -149,10 +137,6 @@ class LoopCoderV1ForCausalLM(PLTForCausalLM):
         if args and Path(args[0]).is_dir():  # after load_strict: it has checked the files
             _reject_parloop_gate_names(Path(args[0]))
         return loaded
-
-    def post_init(self) -> None:
-        _gate_every_layer(self.model.layers, self.config)
-        super().post_init()
 
 
 def _named_as_v1(load: Callable[..., tuple[PreTrainedModel, dict]], *args: Any, **kwargs: Any) -> tuple[Any, dict]:

@@ -1,4 +1,4 @@
-"""A deliberately naive Parallel Loop Transformer, written from DESIGN.md section 2 alone.
+"""A deliberately naive Parallel Loop Transformer, written from docs/design.md §2 alone.
 
 One sequence (no padding), float64, one position and one head at a time, explicit loops everywhere. It shares
 nothing with parloop's model code except the weights, so agreement with it checks the math, not the plumbing.

@@ -46,7 +46,7 @@ def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
 
 def loopcoder_layout(tmp_path: Path, hidden_gate: bool, shards: int) -> dict[str, torch.Tensor]:
     """Write a checkpoint the way the released LoopCoder-V2 repository lays it out, by hand: names and shapes
-    from DESIGN.md section 4, a legacy config.json (rope_theta / rope_scaling, no plt_loop_mode)."""
+    from docs/design.md §4, a legacy config.json (rope_theta / rope_scaling, no plt_loop_mode)."""
     d, heads, kv, hd, ff, vocab, layers = 32, 4, 2, 8, 48, 61, 2
     config = {
         "architectures": ["IQuestPLTCoderForCausalLM"], "model_type": "iquestpltcoder", "vocab_size": vocab,

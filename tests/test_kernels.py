@@ -13,6 +13,12 @@ from parloop import kernels
 from parloop.kernels import CANDIDATES, LAST_GAP, TRIALS, LayoutTuner, Product, chosen_layouts, few_rows_linear
 
 
+@pytest.fixture(autouse=True)
+def _own_tuning_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts from no choices and leaves none behind (the table is module-global)."""
+    monkeypatch.setattr(kernels, "_tunings", {})
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 7])
 def test_every_candidate_computes_the_product(rows: int) -> None:
     x, w = torch.randn(rows, 48), torch.randn(80, 48)

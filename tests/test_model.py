@@ -1,4 +1,4 @@
-"""The model computes DESIGN.md section 2, and cached decoding computes the same as the full forward."""
+"""The model computes docs/design.md §2, and cached decoding computes the same as the full forward."""
 
 from __future__ import annotations
 

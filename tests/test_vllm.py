@@ -8,6 +8,7 @@ point: nothing here registers it.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import socket
 import subprocess
@@ -140,12 +141,41 @@ def stress_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LL
     shut_down(llm)
 
 
+def record_query_lengths(llm: LLM, steps: list[list[int]]) -> None:
+    """Append to `steps` the per-request new-token counts of every step that runs the loops one after another
+    (the engine runs in this process, so the model's method can be wrapped; `stop_recording` undoes it)."""
+    def wrap(model: nn.Module) -> None:
+        inner = model.model
+        original = inner._loop_by_loop
+
+        def recorded(positions: torch.Tensor, emb: torch.Tensor, metadata: Any) -> torch.Tensor:
+            if metadata is not None:
+                starts = metadata.query_start_loc.tolist()
+                steps.append([b - a for a, b in zip(starts[:-1], starts[1:], strict=True) if b > a])
+            return original(positions, emb, metadata)
+
+        inner._loop_by_loop = recorded
+    llm.apply_model(wrap)
+
+
+def stop_recording(llm: LLM) -> None:
+    llm.apply_model(lambda model: model.model.__dict__.pop("_loop_by_loop", None))
+
+
 def test_chunked_prefill_mixed_batches(stress_engine: tuple[LLM, PLTForCausalLM]) -> None:
     llm, model = stress_engine
     token_prompts = prompts([45, 5, 23, 38], seed=2)  # longer than a step of 16 tokens: prefilled in chunks
-    outputs = run(llm, token_prompts, SamplingParams(temperature=0, max_tokens=10, logprobs=0, detokenize=False))
+    steps: list[list[int]] = []
+    record_query_lengths(llm, steps)
+    try:
+        outputs = run(llm, token_prompts, SamplingParams(temperature=0, max_tokens=10, logprobs=0, detokenize=False))
+    finally:
+        stop_recording(llm)
     for prompt, out in zip(token_prompts, outputs, strict=True):
         assert_matches_parloop(model, prompt, out.outputs[0])
+    # the schedule this test is about happened: a prompt split over steps, and a step mixing a prefill chunk with
+    # decoding requests (one new token each)
+    assert any(1 in lengths and max(lengths) > 1 for lengths in steps), steps
 
 
 def test_prompt_logprobs_of_a_chunked_prefill(stress_engine: tuple[LLM, PLTForCausalLM]) -> None:
@@ -209,8 +239,9 @@ def test_loop_by_loop_decoding_is_exact_too(stress_engine: tuple[LLM, PLTForCaus
     for prompt, out in zip(token_prompts, outputs, strict=True):
         assert_matches_parloop(model, prompt, out.outputs[0])
     products = llm.apply_model(lambda m: weight_products_ms(m, 3, 1))[0]
-    assert products["rows"] == 3 and products["layers"] >= 0 and products["head"] >= 0
-    assert "| 3 |" in products_report([products])
+    assert products.keys() == {"rows", "layers", "head"} and products["rows"] == 3
+    assert all(isinstance(products[k], float) and math.isfinite(products[k]) for k in ("layers", "head"))
+    assert f"| 3 | {products['layers']:.1f} | {products['head']:.1f} |" in products_report([products])
 
 
 def test_a_padding_token_never_writes_a_state_into_a_request_s_page() -> None:

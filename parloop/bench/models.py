@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
+from parloop import plt
 from parloop.config import PLTConfig
 from parloop.model import PLTForCausalLM
 
@@ -26,9 +27,9 @@ def build_plt(config: PLTConfig, base_state: dict[str, torch.Tensor] | None, see
     torch.manual_seed(seed + 1000 * config.plt_num_loops)
     model = PLTForCausalLM(config)
     if base_state is not None:
-        shared = {k: v for k, v in base_state.items() if ".plt_gate." not in k}  # R = 1 carries an unused gate
+        shared = {k: v for k, v in base_state.items() if not plt.is_gate_weight(k)}  # R = 1 carries an unused gate
         missing, unexpected = model.load_state_dict(shared, strict=False)
-        not_gates = [k for k in missing if ".plt_gate." not in k]
+        not_gates = [k for k in missing if not plt.is_gate_weight(k)]
         if unexpected or not_gates:
             raise RuntimeError(f"R = 1 weights do not fit the {config.plt_loop_mode} R = {config.plt_num_loops} "
                                f"model: missing {not_gates}, unexpected {unexpected}")
@@ -38,7 +39,7 @@ def build_plt(config: PLTConfig, base_state: dict[str, torch.Tensor] | None, see
 def build_reference(config: PLTConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     """`transformers`' `LlamaForCausalLM` with the weights of an R = 1 PLT model (the names are the same)."""
     llama = LlamaForCausalLM(LlamaConfig(**{k: getattr(config, k) for k in _LLAMA_FIELDS}, attn_implementation="sdpa"))
-    llama.load_state_dict({k: v for k, v in state.items() if ".plt_gate." not in k}, strict=True)
+    llama.load_state_dict({k: v for k, v in state.items() if not plt.is_gate_weight(k)}, strict=True)
     return llama.eval()
 
 

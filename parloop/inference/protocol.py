@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -60,6 +61,13 @@ class CompletionRequest(SamplingRequest):
     best_of: Literal[1] | None = None  # more than one choice to pick from is not implemented
     suffix: Literal[""] | None = None  # insertion is not implemented
 
+    def new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(alternatives per generated token, per prompt token) asked for; None: no log-probabilities."""
+        return self.logprobs, self.logprobs if self.echo else None
+
 
 class TextPart(_Body):
     type: Literal["text"]
@@ -83,6 +91,13 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(alternatives per generated token, per prompt token) asked for; None: no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
@@ -169,24 +184,46 @@ def chat_logprobs(scored: list[TokenLogprob], token_text: TokenText) -> dict[str
                         for e in scored]}
 
 
-def completion_body(head: dict[str, Any], chat: bool, texts: list[str], finish: list[str | None],
-                    usage: dict[str, int], logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
-    """A whole (non-streamed) completion or chat completion."""
-    logprobs = logprobs or [None] * len(texts)
-    if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs[i],
-                    "finish_reason": finish[i]} for i, text in enumerate(texts)]
-    else:
-        choices = [{"index": i, "text": text, "logprobs": logprobs[i], "finish_reason": finish[i]}
-                   for i, text in enumerate(texts)]
-    return {**head, "choices": choices, "usage": usage}
+@dataclass(frozen=True)
+class Endpoint:
+    """What differs between the answers of /v1/completions and /v1/chat/completions."""
+
+    name: str  # as counted in /metrics
+    id_prefix: str
+    object: str
+    chunk_object: str
+    chat: bool  # choices carry messages with a role (chat) or plain text
+
+    def choice(self, i: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
+        """Choice `i` of a whole (non-streamed) answer."""
+        if self.chat:
+            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish}
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def chunk_choice(self, i: int, text: str | None, reason: str | None, opening: bool = False,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One choice of a stream chunk: new text (None: none, as in a chat's closing chunk) or the finish reason; a
+        chat opens each choice with its role."""
+        if self.chat:
+            delta = {} if text is None else {"role": "assistant", "content": text} if opening else {"content": text}
+            return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+
+    def closing_text(self) -> str | None:
+        """The text of a choice's last chunk, which carries its finish reason."""
+        return None if self.chat else ""
+
+    def logprobs(self, ids: list[int], scored: list[Any], token_text: TokenText) -> dict[str, Any]:
+        """A choice's `logprobs` for its tokens `ids` and their scores."""
+        return chat_logprobs(scored, token_text) if self.chat else completion_logprobs(ids, scored, token_text)
+
+    def body(self, head: dict[str, Any], texts: list[str], finish: list[str | None], usage: dict[str, int],
+             logprobs: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """A whole (non-streamed) answer."""
+        choices = [self.choice(i, text, logprobs[i], finish[i]) for i, text in enumerate(texts)]
+        return {**head, "choices": choices, "usage": usage}
 
 
-def chunk_choice(chat: bool, i: int, text: str | None, reason: str | None, opening: bool = False,
-                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One choice of a stream chunk: new text (None: none, as in a chat's closing chunk) or the finish reason; a
-    chat opens each choice with its role."""
-    if chat:
-        delta = {} if text is None else {"role": "assistant", "content": text} if opening else {"content": text}
-        return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-    return {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+COMPLETIONS = Endpoint("completions", "cmpl", "text_completion", "text_completion", chat=False)
+CHAT = Endpoint("chat.completions", "chatcmpl", "chat.completion", "chat.completion.chunk", chat=True)

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -30,33 +29,24 @@ from parloop.inference.guard import AccessPolicy, Guard, read_body
 from parloop.inference.jobs import Event, Job
 from parloop.inference.metrics import ServerStats, prometheus_text
 from parloop.inference.protocol import (
+    CHAT,
+    COMPLETIONS,
     APIError,
     ChatRequest,
     CompletionRequest,
+    Endpoint,
     EngineFailure,
     SamplingRequest,
-    chat_logprobs,
-    chunk_choice,
-    completion_body,
-    completion_logprobs,
     limit_error,
     parse_body,
 )
+from parloop.inference.requests import RequestLimits, sampling_params
 from parloop.inference.text import NoChatTemplate, chat_prompt_ids
 
 log = logging.getLogger("parloop.serve")
 
 # formats the log-probabilities of a choice's tokens (ids, scores) for a response, or None when not asked for
 LogprobFormat = Callable[[list[int], list[Any]], dict[str, Any] | None]
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Per-request bounds besides the engine's: prompts per completions request, stop strings and their length."""
-
-    max_prompts: int = 64
-    max_stop_strings: int = 16
-    max_stop_length: int = 1000
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -109,30 +99,17 @@ class Server:
         raw = req.prompt
         if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
             raw = [raw]
-        if not raw:
-            raise APIError(400, "prompt is an empty list; give a string, a list of strings or token ids",
-                           param="prompt", code="invalid_request")
-        if len(raw) > self.limits.max_prompts:
-            raise APIError(400, f"{len(raw)} prompts in one request, over the limit of {self.limits.max_prompts} "
-                           "(--max-prompts-per-request); split the request", param="prompt",
-                           code="max_prompts_per_request")
-        if req.max_tokens == 0 and not req.echo:
-            raise APIError(400, "max_tokens 0 generates nothing: it is only allowed with echo", param="max_tokens",
-                           code="invalid_request")
         prompts = await asyncio.to_thread(self._tokenize, raw)
         echo = (lambda: [p if isinstance(p, str) else self.tokenizer.decode(p) for p in raw]) if req.echo else None
-        return await self._generate(request, "completions", req, prompts, req.max_tokens, echo)
+        return await self._generate(request, COMPLETIONS, req, prompts, echo)
 
     def _tokenize(self, raw: list[str] | list[list[int]]) -> list[list[int]]:
         return [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in raw]
 
     async def chat_completions(self, request: Request) -> Response:
         req = await self._parse(request, ChatRequest)
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_request")
         ids = await asyncio.to_thread(self._chat_ids, req)
-        return await self._generate(request, "chat.completions", req, [ids],
-                                    req.max_completion_tokens or req.max_tokens)
+        return await self._generate(request, CHAT, req, [ids])
 
     def _chat_ids(self, req: ChatRequest) -> list[int]:
         try:
@@ -190,22 +167,21 @@ class Server:
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r} "
                            "(see GET /v1/models)", param="model", code="model_not_found")
 
-    async def _generate(self, request: Request, endpoint: str, req: SamplingRequest, prompts: list[list[int]],
-                        max_tokens: int | None, echo: Callable[[], list[str]] | None = None) -> Response:
-        params = self._sampling_params(req, max_tokens, prompts)
-        chat = endpoint == "chat.completions"
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.model_name}
+    async def _generate(self, request: Request, endpoint: Endpoint, req: SamplingRequest, prompts: list[list[int]],
+                        echo: Callable[[], list[str]] | None = None) -> Response:
+        params = sampling_params(req, prompts, self.limits, self.engine.limits, self.engine.model.config.vocab_size)
+        rid = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": endpoint.object, "created": int(time.time()), "model": self.model_name}
         job = self._start(prompts, req.n, params, req.stop_strings(), None if echo is None else echo())
-        fmt = self._logprob_format(chat, params)
-        finished = partial(self._finished, endpoint, rid)
+        fmt = self._logprob_format(endpoint, params)
+        finished = partial(self._finished, endpoint.name, rid)
         if req.stream:
-            return JobStream(self._stream(job, head, chat, req.include_usage(), fmt, finished), job)
-        return await self._answer(request, job, head, chat, fmt, finished)
+            return JobStream(self._stream(job, head, endpoint, req.include_usage(), fmt, finished), job)
+        return await self._answer(request, job, head, endpoint, fmt, finished)
 
     def _start(self, prompts: list[list[int]], n: int, params: SamplingParams, stop: list[str],
                echo_texts: list[str] | None) -> Job:
+        """Queue the request's sequences; the engine checks their lengths and the queue's room (once)."""
         try:
             return Job(self.engine, self.tokenizer, prompts, n, params, stop, echo_texts)
         except LimitError as err:
@@ -213,64 +189,13 @@ class Server:
         except QueueFull as err:
             raise APIError(429, str(err), code="queue_full", headers={"Retry-After": str(err.retry_after)}) from err
 
-    def _logprob_format(self, chat: bool, params: SamplingParams) -> LogprobFormat:
+    def _logprob_format(self, endpoint: Endpoint, params: SamplingParams) -> LogprobFormat:
         if params.logprobs is None and params.prompt_logprobs is None:
             return lambda ids, scored: None
-        if chat:
-            return lambda ids, scored: chat_logprobs(scored, self.token_text)
-        return lambda ids, scored: completion_logprobs(ids, scored, self.token_text)
+        return lambda ids, scored: endpoint.logprobs(ids, scored, self.token_text)
 
-    def _sampling_params(self, req: SamplingRequest, max_tokens: int | None,
-                         prompts: list[list[int]]) -> SamplingParams:
-        """The request's sampling parameters, once every prompt is known to fit the engine's limits."""
-        vocab = self.engine.model.config.vocab_size
-        for ids in prompts:
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt",
-                               code="invalid_token_id")
-            try:
-                self.engine.check(len(ids), max_tokens, req.n)
-            except LimitError as err:
-                raise limit_error(err) from err
-        self._check_stop(req.stop_strings())
-        logprobs, prompt_logprobs = self._logprob_counts(req)
-        try:
-            return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                          top_k=max(req.top_k, 0), presence_penalty=req.presence_penalty,
-                          frequency_penalty=req.frequency_penalty, logit_bias=self._logit_bias(req, vocab),
-                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-        except ValueError as err:
-            raise APIError(400, str(err), code="invalid_request") from err
-
-    @staticmethod
-    def _logprob_counts(req: SamplingRequest) -> tuple[int | None, int | None]:
-        """(alternatives per generated token, per prompt token) the request asks for; None: no log-probabilities."""
-        if isinstance(req, ChatRequest):
-            return (req.top_logprobs or 0) if req.logprobs else None, None
-        assert isinstance(req, CompletionRequest)
-        return req.logprobs, req.logprobs if req.echo else None
-
-    def _check_stop(self, stop: list[str]) -> None:
-        limits = self.limits
-        if len(stop) > limits.max_stop_strings:
-            raise APIError(400, f"{len(stop)} stop strings, over the limit of {limits.max_stop_strings} "
-                           "(--max-stop-strings)", param="stop", code="too_many_stop_strings")
-        if any(len(s) > limits.max_stop_length for s in stop):
-            raise APIError(400, f"a stop string is longer than {limits.max_stop_length} characters "
-                           "(--max-stop-length)", param="stop", code="stop_string_too_long")
-
-    @staticmethod
-    def _logit_bias(req: SamplingRequest, vocab: int) -> dict[int, float]:
-        bias = {}
-        for key, value in (req.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= vocab or not -100 <= value <= 100:
-                raise APIError(400, f"logit_bias maps token ids in [0, {vocab}) to values in [-100, 100]; got "
-                               f"{key!r}: {value}", param="logit_bias", code="invalid_request")
-            bias[int(key)] = value
-        return bias
-
-    async def _answer(self, request: Request, job: Job, head: dict[str, Any], chat: bool, fmt: LogprobFormat,
-                      finished: Callable[[Job, int], None]) -> Response:
+    async def _answer(self, request: Request, job: Job, head: dict[str, Any], endpoint: Endpoint,
+                      fmt: LogprobFormat, finished: Callable[[Job, int], None]) -> Response:
         """The whole completion once every choice has finished (499 when the client goes away first)."""
         events: list[list[Event]] = [[] for _ in job.seqs]
 
@@ -291,21 +216,21 @@ class Server:
         texts = ["".join(e.text for e in choice) for choice in events]
         logprobs = [fmt([i for e in choice for i in e.ids], [s for e in choice for s in e.scored])
                     for choice in events]
-        return JSONResponse(completion_body(head, chat, texts, job.finish, job.usage(), logprobs))
+        return JSONResponse(endpoint.body(head, texts, job.finish, job.usage(), logprobs))
 
-    async def _stream(self, job: Job, head: dict[str, Any], chat: bool, include_usage: bool, fmt: LogprobFormat,
-                      finished: Callable[[Job, int], None]) -> AsyncIterator[str]:
+    async def _stream(self, job: Job, head: dict[str, Any], endpoint: Endpoint, include_usage: bool,
+                      fmt: LogprobFormat, finished: Callable[[Job, int], None]) -> AsyncIterator[str]:
         """The completion as server-sent events: one chunk per new text and per finished choice."""
-        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        head = {**head, "object": endpoint.chunk_object}
         extra = {"usage": None} if include_usage else {}
 
         def chunk(i: int, text: str | None, reason: str | None, opening: bool = False,
                   logprobs: dict[str, Any] | None = None) -> str:
-            return sse({**head, "choices": [chunk_choice(chat, i, text, reason, opening, logprobs)], **extra})
+            return sse({**head, "choices": [endpoint.chunk_choice(i, text, reason, opening, logprobs)], **extra})
 
         status = 499  # unless it runs to the end: the client went away
         try:
-            if chat:  # OpenAI opens each choice with its role
+            if endpoint.chat:  # OpenAI opens each choice with its role
                 for i in range(len(job.seqs)):
                     yield chunk(i, "", None, opening=True)
             async for event in job.events():
@@ -313,7 +238,7 @@ class Server:
                 if event.text or logprobs:
                     yield chunk(event.index, event.text, None, logprobs=logprobs)
                 if event.reason is not None:
-                    yield chunk(event.index, None if chat else "", event.reason)
+                    yield chunk(event.index, endpoint.closing_text(), event.reason)
             if include_usage:
                 yield sse({**head, "choices": [], "usage": job.usage()})
             yield "data: [DONE]\n\n"

@@ -59,11 +59,15 @@ class Limits:
                              f"more than the server ever queues ({self.max_queued}, --max-queued-sequences); "
                              "split it into smaller requests")
 
-    def check(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> int:
-        """Raise `LimitError` if `n` sequences of this size can never run; return the effective max_tokens."""
+    def check_choices(self, n: int) -> None:
+        """Raise `LimitError` if a request asks for more choices of one prompt than decode together."""
         if n > self.max_batch_size:
             raise LimitError("max_batch_size", f"n = {n} choices exceed the server's max batch size "
                              f"{self.max_batch_size}; ask for fewer choices or raise --max-batch-size")
+
+    def check(self, prompt_tokens: int, max_tokens: int | None, n: int = 1) -> int:
+        """Raise `LimitError` if `n` sequences of this size can never run; return the effective max_tokens."""
+        self.check_choices(n)
         if prompt_tokens < 1:
             raise LimitError("prompt", "the prompt is empty: give at least one token")
         if prompt_tokens > self.max_prompt_tokens:

@@ -19,7 +19,8 @@ import uvicorn
 from parloop.inference.engine import Engine
 from parloop.inference.guard import AccessPolicy, default_hosts, header_deadline_protocol
 from parloop.inference.loading import add_model_arguments, load_model
-from parloop.inference.routes import RequestLimits, create_app
+from parloop.inference.requests import RequestLimits
+from parloop.inference.routes import create_app
 
 __all__ = ["add_arguments", "create_app", "default_threads", "run", "uvicorn_config"]
 

@@ -21,6 +21,7 @@ from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.utils import set_weight_attrs
 
+from parloop import plt
 from parloop.config import PLTConfig
 
 
@@ -29,7 +30,7 @@ def layer_prefix(model_prefix: str, index: int, rest: str) -> str:
     return f"{model_prefix}.layers.{index}.{rest}"
 
 
-class PLTGate(nn.Module):
+class VllmPLTGate(nn.Module):
     """The G-SWA gate g in (0, 1) per head, the weight of the global branch (docs/design.md §2): from the post-RoPE
     query (`sigmoid(q . w[h] + b[h])`) or from the block input before input_layernorm
     (`sigmoid(w @ gate_norm(h_in) + b)[h]`). Tensor parallelism splits it by heads, like the attention."""
@@ -55,7 +56,7 @@ class PLTGate(nn.Module):
         return torch.sigmoid(logits)[..., None]
 
 
-class PLTAttention(nn.Module):
+class VllmPLTAttention(nn.Module):
     """Loop 0: causal attention over the paged full cache (`attn`). Loop r >= 1: G-SWA, the global branch reading
     `attn`'s cache without writing it, the local branch over loop r's own sliding-window cache (`local[r-1]`)."""
 
@@ -82,8 +83,8 @@ class PLTAttention(nn.Module):
             Attention(self.heads, hd, hd ** -0.5, per_layer_sliding_window=config.window + 1,
                       prefix=layer_prefix(model_prefix, r * layers + layer_index, "self_attn.local"), **common)
             for r in range(1, loops))
-        if loops > 1:
-            self.plt_gate = PLTGate(config)
+        if plt.uses_gate(config):
+            self.plt_gate = VllmPLTGate(config)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, h_in: torch.Tensor, first_loop: int,
                 streams: int) -> torch.Tensor:
@@ -111,13 +112,13 @@ class PLTAttention(nn.Module):
         return torch.lerp(local_out, global_out, g).reshape(n, -1)  # g * global + (1 - g) * local
 
 
-class PLTDecoderLayer(nn.Module):
-    """A pre-norm Llama block whose attention is `PLTAttention`."""
+class VllmPLTDecoderLayer(nn.Module):
+    """A pre-norm Llama block whose attention is `VllmPLTAttention`."""
 
     def __init__(self, config: PLTConfig, cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
                  layer_index: int, model_prefix: str) -> None:
         super().__init__()
-        self.self_attn = PLTAttention(config, cache_config, quant_config, layer_index, model_prefix)
+        self.self_attn = VllmPLTAttention(config, cache_config, quant_config, layer_index, model_prefix)
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act, quant_config=quant_config,
                             bias=config.mlp_bias, prefix=layer_prefix(model_prefix, layer_index, "mlp"))
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -20,9 +20,10 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
+from parloop import plt
 from parloop.config import PLTConfig
 from parloop.vllm.handoff import HandoffStore, previous_slots
-from parloop.vllm.layers import PLTDecoderLayer
+from parloop.vllm.layers import VllmPLTDecoderLayer
 
 # checkpoint name -> (vLLM parameter, shard): vLLM fuses q/k/v and gate/up into one matmul each
 STACKED_PARAMS = [(".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"), (".qkv_proj", ".v_proj", "v"),
@@ -41,7 +42,9 @@ def check_supported(config: PLTConfig, vllm_config: VllmConfig) -> None:
         raise NotImplementedError("parloop's vLLM plugin does not support pipeline parallelism")
 
 
-class PLTModel(nn.Module):
+class VllmPLTModel(nn.Module):
+    """The decoder stack (embeddings, layers, final norm) and the loop schedule of a vLLM step."""
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config: PLTConfig = vllm_config.model_config.hf_config
@@ -49,11 +52,10 @@ class PLTModel(nn.Module):
         cache, quant = vllm_config.cache_config, vllm_config.quant_config
         self.config = config
         self.loops = config.plt_num_loops
-        self.emb_scale = 1.0 if config.plt_emb_scale is None else config.plt_emb_scale
-        self.hidden_scale = 1.0 if config.plt_hidden_scale is None else config.plt_hidden_scale
+        self.loop_scales = plt.loop_scales(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant,
                                                    prefix=f"{prefix}.embed_tokens")
-        self.layers = nn.ModuleList(PLTDecoderLayer(config, cache, quant, i, prefix)
+        self.layers = nn.ModuleList(VllmPLTDecoderLayer(config, cache, quant, i, prefix)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.handoff = HandoffStore(config, cache, self.loops * config.num_hidden_layers, prefix)
@@ -82,13 +84,6 @@ class PLTModel(nn.Module):
             h = layer(positions, h, first_loop, streams)
         return h
 
-    def _handoff(self, h: torch.Tensor) -> torch.Tensor:
-        """What loop r passes to loop r+1: H[r] = norm(h) if plt_normalize_per_loop else h."""
-        return self.norm(h) if self.config.plt_normalize_per_loop else h
-
-    def _loop_input(self, emb: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
-        return self.emb_scale * emb + self.hidden_scale * carry
-
     def _carry(self, loop: int, emb: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """H[loop][t-1] for every token t of the step (zero at a request's first position and on padding rows);
         `prev` is `previous_slots` of the step."""
@@ -102,7 +97,7 @@ class PLTModel(nn.Module):
     def _store(self, loop: int, h: torch.Tensor, metadata: object | None) -> None:
         if metadata is not None:
             n = metadata.num_actual_tokens
-            self.handoff.write(loop, self._handoff(h[:n]), metadata.slot_mapping[:n].long())
+            self.handoff.write(loop, plt.handoff(h[:n], self.norm, self.config), metadata.slot_mapping[:n].long())
 
     def _previous(self, positions: torch.Tensor, metadata: object | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if metadata is None else previous_slots(metadata, positions, self.handoff.block_size)
@@ -114,7 +109,7 @@ class PLTModel(nn.Module):
         h = self._layers(positions, emb, 0, 1)
         for r in range(1, self.loops):
             self._store(r - 1, h, metadata)
-            h = self._layers(positions, self._loop_input(emb, self._carry(r - 1, emb, prev)), r, 1)
+            h = self._layers(positions, plt.loop_input(emb, self._carry(r - 1, emb, prev), self.loop_scales), r, 1)
         return h
 
     def _one_pass(self, positions: torch.Tensor, emb: torch.Tensor, metadata: object) -> torch.Tensor:
@@ -122,7 +117,8 @@ class PLTModel(nn.Module):
         stacked streams through each layer once; streams 0..R-2 then store their states for the next token."""
         prev = self._previous(positions, metadata)
         n = emb.shape[0]
-        streams = [emb] + [self._loop_input(emb, self._carry(r, emb, prev)) for r in range(self.loops - 1)]
+        streams = [emb] + [plt.loop_input(emb, self._carry(r, emb, prev), self.loop_scales)
+                           for r in range(self.loops - 1)]
         h = self._layers(positions, torch.cat(streams), 0, self.loops)
         for r in range(self.loops - 1):
             self._store(r, h[r * n:(r + 1) * n], metadata)
@@ -132,9 +128,10 @@ class PLTModel(nn.Module):
         """Checkpoint names of docs/design.md §4; q/k/v and gate/up go into vLLM's fused parameters."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        skip_gates = plt.unused_gate(self.config)  # R = 1: the released code's gates are never applied
         for name, tensor in weights:
-            if "plt_gate" in name and self.loops == 1:
-                continue  # the released code builds gates even for R = 1; they are never used
+            if skip_gates and plt.is_gate_weight(name):
+                continue
             for fused, part, shard in STACKED_PARAMS:
                 if part in name:
                     target = name.replace(part, fused)
@@ -148,7 +145,7 @@ class PLTModel(nn.Module):
         return loaded
 
 
-class PLTForCausalLM(nn.Module):
+class VllmPLTForCausalLM(nn.Module):
     """The architecture `IQuestPLTCoderForCausalLM` (LoopCoder-V2's checkpoint format, docs/design.md §4)."""
 
     # which checkpoint weights vLLM's fused layers hold, for quantisation methods that look them up
@@ -158,7 +155,7 @@ class PLTForCausalLM(nn.Module):
         super().__init__()
         config: PLTConfig = vllm_config.model_config.hf_config
         self.config = config
-        self.model = PLTModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.model = VllmPLTModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
                                       prefix=maybe_prefix(prefix, "lm_head"))
         if config.tie_word_embeddings:

@@ -8,7 +8,7 @@ from vllm import ModelRegistry
 from parloop.config import RELEASED_ARCHITECTURE, PLTConfig
 
 # a string, so that vLLM imports the model (and torch's heavy modules) only when such a checkpoint is loaded
-MODEL_CLASS = "parloop.vllm.model:PLTForCausalLM"
+MODEL_CLASS = "parloop.vllm.model:VllmPLTForCausalLM"
 
 
 def register() -> None:

@@ -51,9 +51,6 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 # A token's log-probability, when asked for, is in the sequence's `output_logprobs` before its listener hears of it.
 Listener = Callable[[int | None, str | None], None]
 
-# prompt positions scored at once for echo: bounds the [positions, vocab] logits held in memory
-_SCORE_CHUNK = 256
-
 
 @dataclass(eq=False)
 class Sequence:
@@ -78,6 +75,43 @@ class Sequence:
     def reserved_tokens(self) -> int:
         return len(self.prompt_ids) + self.max_tokens
 
+    def append(self, token: int, eos_token_ids: set[int]) -> str | None:
+        """Record a new token; return the finish reason it brings ("stop": an end-of-sequence token, "length": the
+        last of max_tokens), or None."""
+        now = time.perf_counter()
+        self.output_ids.append(token)
+        self.last_token_at = now
+        if self.first_token_at is None:
+            self.first_token_at = now
+        reason = "stop" if token in eos_token_ids else "length" if len(self.output_ids) >= self.max_tokens else None
+        if reason is not None:
+            self.finish_reason, self.finished_at = reason, now
+        return reason
+
+    def finish(self, reason: str) -> bool:
+        """End the sequence with `reason` unless it has ended; return whether it ended now. Its consumer hears of an
+        "error" or "length" here (nobody else tells it; "length": a prompt-only sequence)."""
+        if self.finish_reason is not None:
+            return False
+        self.finish_reason, self.finished_at = reason, time.perf_counter()
+        if reason in ("error", "length"):
+            self.notify(None, reason)
+        return True
+
+    def notify(self, token: int | None, reason: str | None) -> None:
+        """Tell the listener; a listener that fails cancels its sequence and nothing else."""
+        try:
+            self.listener(token, reason)
+        except Exception:
+            log.exception("a sequence's listener failed; cancelling the sequence")
+            self.cancelled = "cancelled"
+
+
+def _eos_token_ids(model: PLTForCausalLM) -> set[int]:
+    """The end-of-sequence tokens of the model's generation config."""
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
 
 class Engine:
     """Continuous-batching decoder over a `PLTForCausalLM`, within `Limits` (see there).
@@ -93,10 +127,7 @@ class Engine:
                                      max_prompt_tokens, max_model_len, max_queued_sequences)
         self.scheduler: Scheduler[Sequence] = Scheduler(self.limits)
         self.runner = ModelRunner(model)
-        if eos_token_ids is None:
-            eos = model.generation_config.eos_token_id
-            eos_token_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-        self.eos_token_ids = eos_token_ids
+        self.eos_token_ids = _eos_token_ids(model) if eos_token_ids is None else eos_token_ids
         self._wake = threading.Condition()  # guards the waiting queue and wakes the engine thread
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -247,24 +278,14 @@ class Engine:
         argmax = greedy_tokens(logits)
         for i, seq in enumerate(seqs):
             if hidden is not None:
-                seq.prompt_logprobs = self._guarded(seq, self._score_prompt, seq, hidden[i])
+                seq.prompt_logprobs = self._guarded(seq, self.runner.score_prompt, seq.prompt_ids, hidden[i],
+                                                    seq.params.prompt_logprobs)
                 if seq.prompt_logprobs is None:  # scoring failed: the sequence finished with an error
                     continue
             if seq.max_tokens == 0:  # only the prompt's log-probabilities were asked for
                 self._finish(seq, "length")
             elif not self._advance(seq, logits[i], argmax[i]):
                 self.runner.insert(self.scheduler.place(seq), prefilled, i)
-
-    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> list[TokenLogprob | None]:
-        """Each prompt token's log-probability given the tokens before it (`hidden`: the row's final hidden states,
-        the prompt at its end)."""
-        ids = torch.tensor(seq.prompt_ids)
-        states = hidden[hidden.shape[0] - len(ids):-1]
-        scored: list[TokenLogprob | None] = [None]
-        for start in range(0, len(states), _SCORE_CHUNK):
-            chunk = self.runner.logits(states[start:start + _SCORE_CHUNK])
-            scored += token_logprobs(chunk, ids[start + 1:start + 1 + _SCORE_CHUNK], seq.params.prompt_logprobs)
-        return scored
 
     def _decode(self) -> None:
         running = self.scheduler.running()
@@ -300,36 +321,18 @@ class Engine:
         if seq.cancelled:
             self._finish(seq, seq.cancelled)
             return True
-        now = time.perf_counter()
-        seq.output_ids.append(token)
-        seq.last_token_at = now
-        if seq.first_token_at is None:
-            seq.first_token_at = now
+        reason = seq.append(token, self.eos_token_ids)
         self.generated_tokens_total += 1
-        reason = ("stop" if token in self.eos_token_ids
-                  else "length" if len(seq.output_ids) >= seq.max_tokens else None)
         if reason is not None:
-            seq.finish_reason, seq.finished_at = reason, now
             self.finished_total[reason] += 1
-        self._notify(seq, token, reason)
+        seq.notify(token, reason)
         if seq.cancelled:  # by its consumer, possibly on seeing this very token
             self._finish(seq, seq.cancelled)
         return seq.finish_reason is not None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq.finish_reason is not None:
-            return
-        seq.finish_reason, seq.finished_at = reason, time.perf_counter()
-        self.finished_total[reason] += 1
-        if reason in ("error", "length"):  # nobody else tells its consumer ("length": a prompt-only sequence)
-            self._notify(seq, None, reason)
-
-    def _notify(self, seq: Sequence, token: int | None, reason: str | None) -> None:
-        try:
-            seq.listener(token, reason)
-        except Exception:
-            log.exception("a sequence's listener failed; cancelling the sequence")
-            seq.cancelled = "cancelled"
+        if seq.finish(reason):
+            self.finished_total[reason] += 1
 
     def _free(self, row: int) -> None:
         self.runner.free(row)

@@ -12,8 +12,12 @@ import torch
 
 from parloop.cache import PLTCache
 from parloop.inference.rows import RowCache
+from parloop.inference.sampling import TokenLogprob, token_logprobs
 from parloop.model import PLTForCausalLM
 from parloop.padding import left_pad
+
+# prompt positions scored at once for echo: bounds the [positions, vocab] logits held in memory
+SCORE_CHUNK = 256
 
 
 class ModelRunner:
@@ -44,6 +48,18 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits for final hidden states (its language-model head)."""
         return self.model.lm_head(hidden)
+
+    def score_prompt(self, prompt_ids: list[int], hidden: torch.Tensor, alternatives: int
+                     ) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it, with `alternatives` most likely others
+        (`hidden`: the row's final hidden states, the prompt at its end); the first token has none."""
+        ids = torch.tensor(prompt_ids)
+        states = hidden[hidden.shape[0] - len(ids):-1]
+        scored: list[TokenLogprob | None] = [None]
+        for start in range(0, len(states), SCORE_CHUNK):
+            chunk = self.logits(states[start:start + SCORE_CHUNK])
+            scored += token_logprobs(chunk, ids[start + 1:start + 1 + SCORE_CHUNK], alternatives)
+        return scored
 
     def insert(self, row: int, prefilled: PLTCache, index: int) -> None:
         """Move sequence `index` of a `prefill` cache into `row`, adding rows up to it when the cache has fewer."""

@@ -25,7 +25,7 @@ from parloop.train.trainer import train
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default, quick = PRESETS["default"], PRESETS["quick"]
-    unset = argparse.SUPPRESS  # options whose default comes from the preset
+    unset = None  # options whose default comes from the preset
     parser.description = (
         "Train matched PLT models for each loop count and loop mode, with non-looped baselines (same parameters; "
         "same compute), several seeds and model sizes, evaluate them on held-out data, measure each loop, and "
@@ -75,10 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _preset(args: argparse.Namespace) -> Preset:
     """The chosen preset with the options given on the command line (absent ones keep the preset's value)."""
-    preset = PRESETS["quick" if args.quick else getattr(args, "preset", "default")]
+    preset = PRESETS["quick" if args.quick else args.preset or "default"]
     chosen = {k: getattr(args, k) for k in ("eval_bytes", "programs", "lines", "humaneval", "threads", "seeds")
-              if hasattr(args, k)}
-    if hasattr(args, "loops"):
+              if getattr(args, k) is not None}
+    if args.loops is not None:
         chosen["loops"] = tuple(sorted(set(args.loops)))
     if not args.lr_sweep:
         chosen["lr_multipliers"] = (1.0,)
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     study.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        corpus, held_out = prepare_data(study, preset, getattr(args, "data", None))
+        corpus, held_out = prepare_data(study, preset, args.data)
         plan = make_plan(preset, scales, list(args.modes), args.compute_matched)
         sweep, models = _train_and_evaluate(args, study, preset, plan, corpus, held_out, device)
     except USER_ERRORS as e:

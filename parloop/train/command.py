@@ -14,9 +14,9 @@ from parloop.train.trainer import train
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe file (.yaml or .toml), e.g. recipes/small.yaml")
-    parser.add_argument("--run-dir", default=argparse.SUPPRESS, help="where checkpoints, metrics and the final "
+    parser.add_argument("--run-dir", default=None, help="where checkpoints, metrics and the final "
                         "model go (default: runs/<recipe name>)")
-    parser.add_argument("--set", dest="overrides", action="append", default=argparse.SUPPRESS,
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE",
                         help="override a recipe field, e.g. --set train.lr=3e-4 --set model.plt_num_loops=1 "
                         "(values are YAML: [64, 0], true, null); repeatable")
@@ -28,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
-    overrides = getattr(args, "overrides", [])
-    run_dir = getattr(args, "run_dir", None)
+    overrides, run_dir = args.overrides, args.run_dir
     try:
         recipe = load_recipe(args.recipe, overrides)
         run_dir = Path(run_dir or Path("runs") / recipe.name)

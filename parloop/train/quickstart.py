@@ -70,13 +70,13 @@ def model_dir_name(loops: int, seed_index: int, seed: int) -> str:
 
 def plan(args: argparse.Namespace, data_dir: Path) -> list[tuple[Recipe, Path]]:
     """(recipe, run directory) of every model, R = 1 before R = 2 for each seed."""
-    base = load_recipe(args.recipe, [*getattr(args, "overrides", []), f"data.dir={data_dir}"])
+    base = load_recipe(args.recipe, [*args.overrides, f"data.dir={data_dir}"])
     runs = []
     for i in range(args.seeds):
         seed = base.train.seed + i
         for loops in LOOP_COUNTS:
             name = model_dir_name(loops, i, seed)
-            recipe = load_recipe(args.recipe, [*getattr(args, "overrides", []), f"data.dir={data_dir}",
+            recipe = load_recipe(args.recipe, [*args.overrides, f"data.dir={data_dir}",
                                                f"model.plt_num_loops={loops}", f"train.seed={seed}",
                                                f"name=quickstart-{name}"])
             runs.append((recipe, args.run_dir / name))
@@ -158,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/quickstart"),
                         help="everything goes here; rerunning with the same directory reuses finished work")
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="training recipe of every model")
-    parser.add_argument("--set", dest="overrides", action="append", default=argparse.SUPPRESS,
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE",
                         help="override a recipe field for every model, e.g. --set train.max_steps=50 (repeatable)")
     parser.add_argument("--seeds", type=int, default=1, choices=range(1, 11), metavar="N",

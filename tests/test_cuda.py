@@ -1,5 +1,5 @@
 """The CUDA decode path: the layer stack compiled with `mode="reduce-overhead"` and replayed from CUDA graphs over a
-static cache (`parloop.kernels.CompiledStep`). Cached equals full forward in fp32, bf16 and fp16, greedy tokens equal
+static cache (`parloop.compile.CompiledStep`). Cached equals full forward in fp32, bf16 and fp16, greedy tokens equal
 eager ones in fp32, and decode steps really replay graphs. Runs only where torch sees a CUDA GPU."""
 
 from __future__ import annotations

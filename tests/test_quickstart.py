@@ -109,6 +109,9 @@ def test_one_seed_is_not_a_verdict() -> None:
     assert "0.2500 bits per byte worse" in text and "one seed each" in text
     a, b = PROJECT_SEED_SPREAD["val_bpb"]
     assert f"{abs(a - b):.4f}" in text and "--seeds 2" in text
+    # another recipe: the shipped recipe's measured spread says nothing about it, so it is not quoted
+    other = " ".join(comparison_lines(_models((1, 0, 2.20), (2, 0, 2.45)), shipped_recipe=False))
+    assert f"{abs(a - b):.4f}" not in other and "not the shipped" in other and "--seeds 2" in other
 
 
 def test_seeds_that_disagree_in_sign_cannot_tell_the_models_apart() -> None:

@@ -9,8 +9,10 @@ from typing import Any
 
 from parloop.study.stats import mean_interval
 
-# Measured by the project with recipes/quickstart.yaml on the standard-library corpus (issue 13): R = 1 trained
-# with seeds 0 and 1 (seeds change the initial weights and the data order together).
+# Measured by the project with recipes/quickstart.yaml on the standard-library corpus (the quickstart's own data):
+# R = 1 trained with seeds 0 and 1 (seeds change the initial weights and the data order together). Printed as that
+# measurement, named as such, next to a one-seed run of that same recipe only (another recipe's spread is unknown);
+# `--seeds 2` measures the spread on the user's own run.
 PROJECT_SEED_SPREAD = {"recipe": "recipes/quickstart.yaml", "loops": 1, "seeds": (0, 1), "val_bpb": (2.2045, 2.0496)}
 COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER = 20  # the Chinchilla rule of thumb (Hoffmann et al. 2022)
 
@@ -40,13 +42,18 @@ def _direction(diff: float) -> str:
     return "worse" if diff > 0 else "better"
 
 
-def _single_seed_lines(diff: float) -> list[str]:
+def _single_seed_lines(diff: float, shipped_recipe: bool) -> list[str]:
+    head = f"R = 2 scored {abs(diff):.4f} bits per byte {_direction(diff)} than R = 1 in this run (one seed each)."
+    if not shipped_recipe:
+        return [head, "One seed cannot tell whether that is the loop count or chance, and this run's recipe is not "
+                f"the shipped {PROJECT_SEED_SPREAD['recipe']}, whose seed-to-seed spread the project measured.",
+                "`--seeds 2` trains a second pair (twice the training time) and measures the spread on your run."]
     a, b = PROJECT_SEED_SPREAD["val_bpb"]
     spread = abs(a - b)
     size = ("smaller than that spread" if abs(diff) < spread else
             f"{abs(diff) / spread:.1f} times that spread, but one pair of runs and one measured spread are too few "
             "to call it settled")
-    return [f"R = 2 scored {abs(diff):.4f} bits per byte {_direction(diff)} than R = 1 in this run (one seed each).",
+    return [head,
             f"One seed cannot tell whether that is the loop count or chance: with {PROJECT_SEED_SPREAD['recipe']} "
             f"the project trained R = 1 with seeds 0 and 1 and got {a:.4f} and {b:.4f} val bpb, a spread of "
             f"{spread:.4f} from the seed alone; this difference is {size}.",
@@ -76,11 +83,12 @@ def _multi_seed_lines(diffs: Sequence[dict[str, float]], models: Sequence[dict[s
     return lines
 
 
-def comparison_lines(models: Sequence[dict[str, Any]]) -> list[str]:
-    """What the R = 2 against R = 1 comparison of this run shows, and what it cannot."""
+def comparison_lines(models: Sequence[dict[str, Any]], shipped_recipe: bool = True) -> list[str]:
+    """What the R = 2 against R = 1 comparison of this run shows, and what it cannot. `shipped_recipe`: the run used
+    the shipped recipe unchanged, so the project's own seed-to-seed spread of it applies."""
     diffs = paired_differences(models)
     if len(diffs) == 1:
-        return _single_seed_lines(diffs[0]["val_bpb"])
+        return _single_seed_lines(diffs[0]["val_bpb"], shipped_recipe)
     return _multi_seed_lines(diffs, models)
 
 

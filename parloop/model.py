@@ -285,7 +285,6 @@ class PLTModel(PLTPreTrainedModel):
         self.layers = nn.ModuleList(PLTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = PLTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = PLTRotaryEmbedding(config)
-        self.loop_scales = plt.loop_scales(config)
         self.compiled_layers = None  # set by PLTForCausalLM.compile_decode
         self.post_init()
 
@@ -386,7 +385,7 @@ class PLTModel(PLTPreTrainedModel):
                 shifted = torch.cat([carried, prev[:, :-1]], dim=1) * call.step.prev_valid
                 call.write_carries(loops, prev[None])  # after the read: a cache hands out views
                 prev = shifted
-            h = self._layers(plt.loop_input(emb, prev, self.loop_scales)[:, None], cos, sin, r, call, collect)[:, 0]
+            h = self._layers(plt.loop_input(emb, prev, self.config)[:, None], cos, sin, r, call, collect)[:, 0]
             states.append(h)
         if collect is not None:
             collect[:] = [c[:, 0] for c in collect]
@@ -401,7 +400,7 @@ class PLTModel(PLTPreTrainedModel):
         """
         every = slice(None)
         carries = call.read_carries(every)[:, :, None].transpose(0, 1)  # [B, R-1, 1, d]
-        carried = plt.loop_input(emb[:, None], carries * call.step.prev_valid[:, None], self.loop_scales)
+        carried = plt.loop_input(emb[:, None], carries * call.step.prev_valid[:, None], self.config)
         streams = torch.cat([emb[:, None], carried], dim=1)  # [B, R, 1, d]
         h = self._layers(streams, cos, sin, 0, call, collect)
         call.write_carries(every, plt.handoff(h[:, :-1], self.norm, self.config).transpose(0, 1))

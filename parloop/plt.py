@@ -26,9 +26,10 @@ def loop_scales(config: PLTConfig) -> tuple[float, float]:
     return a, b
 
 
-def loop_input(emb: torch.Tensor, prev: torch.Tensor, scales: tuple[float, float]) -> torch.Tensor:
+def loop_input(emb: torch.Tensor, prev: torch.Tensor, config: PLTConfig) -> torch.Tensor:
     """A loop's input: the token embeddings `emb` and the previous loop's (offset) handoff states `prev`."""
-    return scales[0] * emb + scales[1] * prev
+    a, b = loop_scales(config)
+    return a * emb + b * prev
 
 
 def handoff(h: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor], config: PLTConfig) -> torch.Tensor:

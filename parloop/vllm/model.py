@@ -52,7 +52,6 @@ class VllmPLTModel(nn.Module):
         cache, quant = vllm_config.cache_config, vllm_config.quant_config
         self.config = config
         self.loops = config.plt_num_loops
-        self.loop_scales = plt.loop_scales(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant,
                                                    prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(VllmPLTDecoderLayer(config, cache, quant, i, prefix)
@@ -109,7 +108,7 @@ class VllmPLTModel(nn.Module):
         h = self._layers(positions, emb, 0, 1)
         for r in range(1, self.loops):
             self._store(r - 1, h, metadata)
-            h = self._layers(positions, plt.loop_input(emb, self._carry(r - 1, emb, prev), self.loop_scales), r, 1)
+            h = self._layers(positions, plt.loop_input(emb, self._carry(r - 1, emb, prev), self.config), r, 1)
         return h
 
     def _one_pass(self, positions: torch.Tensor, emb: torch.Tensor, metadata: object) -> torch.Tensor:
@@ -117,7 +116,7 @@ class VllmPLTModel(nn.Module):
         stacked streams through each layer once; streams 0..R-2 then store their states for the next token."""
         prev = self._previous(positions, metadata)
         n = emb.shape[0]
-        streams = [emb] + [plt.loop_input(emb, self._carry(r, emb, prev), self.loop_scales)
+        streams = [emb] + [plt.loop_input(emb, self._carry(r, emb, prev), self.config)
                            for r in range(self.loops - 1)]
         h = self._layers(positions, torch.cat(streams), 0, self.loops)
         for r in range(self.loops - 1):

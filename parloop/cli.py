@@ -23,6 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help with its default, but for None or []: an option that is unset unless given says in its help
+    what happens then."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default in (None, []) else super()._get_help_string(action)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `parloop` parser. Only `command`'s module is imported (all of them when None), so one command's
     optional dependency (e.g. the server's web stack) never stops the others from running."""
@@ -34,7 +42,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=HelpFormatter)
         cmd.set_defaults(_module=module_name)
         if command in (None, name):
             importlib.import_module(module_name).add_arguments(cmd)

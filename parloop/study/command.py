@@ -14,6 +14,7 @@ import torch
 from parloop.config import LOOP_MODES
 from parloop.study.corpus import prepare_data
 from parloop.study.estimate import Progress, format_duration
+from parloop.study.flops import plan_compute
 from parloop.study.grid import PRESETS, STUDY_MODES, Preset, pick_scales
 from parloop.study.plan import Plan, estimate_times, make_plan
 from parloop.study.report import write_report
@@ -119,6 +120,7 @@ def _train_and_evaluate(args: argparse.Namespace, study: Path, preset: Preset, p
           f"{format_duration(sum(t.wall for t in times))} on this machine as loaded now, about "
           f"{format_duration(sum(t.quiet for t in times))} with nothing else running (a training step of each model "
           f"timed now; evaluations estimated)", file=sys.stderr)
+    print(f"training compute: {plan_compute(plan, preset, corpus, args.overrides).describe()}", file=sys.stderr)
     if args.estimate:
         return {}, []
     sweep = _train_sweep(plan, progress, study, preset, corpus, args.overrides)

@@ -20,6 +20,7 @@ from conftest import tiny_config
 
 from parloop.gpucheck.acceptance import acceptance, verdict
 from parloop.gpucheck.bench import DRY_RUN, REFERENCE, points
+from parloop.gpucheck.command import tests_from_log
 from parloop.gpucheck.parts import ROOT, cap_log, run_command
 from parloop.model import PLTForCausalLM
 from parloop.study.command import add_arguments as add_study_arguments
@@ -117,6 +118,15 @@ def test_a_long_log_keeps_its_head_and_tail(tmp_path: Path) -> None:
     cap_log(log, limit=1000)
     text = log.read_text()
     assert len(text) < 1100 and text.startswith("first line") and text.endswith("last line\n") and "cut" in text
+
+
+def test_a_stopped_test_run_is_counted_from_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "tests.log"
+    log.write_text("collected 3 items\n\ntests/test_cuda.py::test_a[bf16-parallel-3] PASSED   [ 33%]\n"
+                   "tests/test_cuda.py::test_b FAILED   [ 66%]\ntests/test_cuda.py::test_c SKIPPED (no GPU) [100%]\n")
+    counted = tests_from_log(log)
+    assert (counted["passed"], counted["failed"], counted["skipped"]) == (1, 1, 1)
+    assert counted["failures"] == ["tests/test_cuda.py::test_b"] and counted["stopped"]
 
 
 def _bench_result(ms: dict[tuple[int, int], float], reference_ms: float, bandwidth_pct: float) -> dict:

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,8 @@ class Settings:
     new_tokens: int = 64
     bandwidth_mb: int = 1024
     compile: bool | None = None  # None: on for CUDA (the bench's default)
-    # seconds per point on an H100 (model build, compile, timing) before any point is measured; see docs/gpu.md
-    point_seconds: dict[str, float] = field(default_factory=lambda: {"1b": 18.0, "100m": 9.0, "tiny": 1.0})
+    # seconds per R = 1 point on an H100 (model build, compile, timing) before any point is measured; docs/gpu.md
+    point_seconds: dict[str, float] = field(default_factory=lambda: {"1b": 25.0, "100m": 15.0, "tiny": 1.0})
     first_point_seconds: float = 12.0  # the first compile in a process also starts Inductor's workers
 
 
@@ -65,11 +65,12 @@ class Point:
     loops: int
 
     def cost_factor(self) -> float:
-        """Compile work relative to R = 1: the parallel modes pass the layers once (wider at larger R), the
-        sequential modes compile one graph per loop index."""
-        if self.mode == "sequential":
+        """Compile work relative to R = 1 (tracing measured on a CPU, docs/gpu.md): parallel R >= 2 passes the
+        layers once with the gates and windows added (1.3x at R = 2 and at R = 4), the sequential modes compile
+        one graph per loop index (R x)."""
+        if self.mode.startswith("sequential"):
             return float(self.loops)
-        return 1.0 + 0.15 * (self.loops - 1)
+        return 1.0 if self.loops == 1 or self.mode == REFERENCE else 1.3
 
 
 ACCEPTANCE_POINTS = ((1, "parallel"), (0, REFERENCE), (2, "parallel"), (4, "parallel"))
@@ -113,9 +114,10 @@ class Models:
             options = self.options(preset, 1)
             max_length = options.context + options.warmup + options.new_tokens
             config = plt_config(options.model_shape(), loops, key[1], options.window, max_length)
-            model = build_plt(config, self.states.get(preset), options.seed)
+            with torch.device(options.device):  # initialized where it runs: a 1B model's CPU init takes seconds
+                model = build_plt(config, self.states.get(preset), options.seed)
             if loops == 1:
-                self.states[preset] = model.state_dict()  # kept on the CPU: what every other model loads
+                self.states[preset] = model.state_dict()  # in float32: what every other model loads
             self.models[key] = self.measurer(preset, 1).place(model)
         return self.models[key]
 
@@ -204,9 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parloop.gpucheck.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="result JSON, rewritten after every point")
     parser.add_argument("--share", type=float, default=140.0, help="seconds this part may take")
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help=f"batch sizes to measure (default {' '.join(map(str, GPU.batches))}; a second call can "
+                        "measure those the first had no time for)")
     parser.add_argument("--dry-run", action="store_true", help="the tiny preset on the CPU, eager")
     args = parser.parse_args(argv)
-    run_bench_part(DRY_RUN if args.dry_run else GPU, args.share, args.out)
+    settings = DRY_RUN if args.dry_run else GPU
+    if args.batches:
+        settings = replace(settings, batches=tuple(args.batches))
+    run_bench_part(settings, args.share, args.out)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from parloop.gpucheck.acceptance import acceptance
-from parloop.gpucheck.parts import DRY_RUN_SHARES, PARTS, Part, run_command, study_has_track
+from parloop.gpucheck.parts import DRY_RUN_SHARES, PARTS, Options, Part, run_command, study_has_track
 from parloop.gpucheck.summary import markdown
 
 NOT_AVAILABLE = "not available in this build"
@@ -49,6 +50,15 @@ def tests_result(xml_path: Path) -> dict[str, Any]:
                 passed=counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"], failures=failed)
 
 
+def tests_from_log(log: Path) -> dict[str, Any]:
+    """Counts from pytest's `-v` lines, for a run stopped before it wrote its XML (the tests not reached count as
+    neither passed nor failed)."""
+    outcomes = re.findall(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", log.read_text(errors="replace"), re.M)
+    failed = [name for name, outcome in outcomes if outcome in ("FAILED", "ERROR")]
+    return dict(total=len(outcomes), failed=len(failed), skipped=sum(o == "SKIPPED" for _, o in outcomes),
+                passed=sum(o == "PASSED" for _, o in outcomes), failures=failed, stopped=True)
+
+
 def _copy_report(source: Path, target: Path) -> None:
     if source.is_file():
         shutil.copyfile(source, target)
@@ -57,8 +67,9 @@ def _copy_report(source: Path, target: Path) -> None:
 def part_result(name: str, work: Path, out: Path) -> dict[str, Any] | None:
     """What a finished (or stopped) part left in `work`, as the report holds it; the study's report.md is copied
     to OUTDIR."""
-    if name == "tests" and (work / "tests.xml").is_file():
-        return tests_result(work / "tests.xml")
+    if name == "tests":
+        xml, log = work / "tests.xml", out / "tests.log"
+        return tests_result(xml) if xml.is_file() else tests_from_log(log) if log.is_file() else None
     if name == "bench" and (work / "bench.json").is_file():
         bench = json.loads((work / "bench.json").read_text())
         return {**bench, "acceptance": acceptance(bench)}
@@ -69,8 +80,8 @@ def part_result(name: str, work: Path, out: Path) -> dict[str, Any] | None:
     return None
 
 
-def run_part(part: Part, work: Path, out: Path, dry_run: bool) -> dict[str, Any]:
-    share = DRY_RUN_SHARES[part.name] if dry_run else part.share_s
+def run_part(part: Part, work: Path, out: Path, options: Options) -> dict[str, Any]:
+    share = DRY_RUN_SHARES[part.name] if options.dry_run else part.share_s
     entry: dict[str, Any] = dict(status="skipped", estimate_s=part.estimate_s, share_s=share)
     missing = part.missing_modules()
     if missing:
@@ -81,7 +92,7 @@ def run_part(part: Part, work: Path, out: Path, dry_run: bool) -> dict[str, Any]
         return {**entry, "status": "not available", "reason": f"{NOT_AVAILABLE}: `parloop study --help` lists no "
                 "--track", "seconds": round(time.perf_counter() - started, 1)}
     print(f"== {part.name}: estimate {part.estimate_s:.0f} s on an H100, stopped after {share:.0f} s", flush=True)
-    status, _, code = run_command(part.argv(work, share, dry_run), out / f"{part.name}.log",
+    status, _, code = run_command(part.argv(work, share, options), out / f"{part.name}.log",
                                   share - (time.perf_counter() - started))
     seconds = time.perf_counter() - started  # with the --track check of the reasoning part
     entry.update(status=status, seconds=round(seconds, 1), exit_code=code,
@@ -104,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parts to run, in the fixed order tests, bench, study, reasoning")
     parser.add_argument("--dry-run", action="store_true", help="the same code paths on the CPU with tiny shapes "
                         "(what the test suite runs)")
+    parser.add_argument("--bench-batches", type=int, nargs="+", default=None, metavar="B",
+                        help="batch sizes of the decode bench (default 1 16): a second call can measure those the "
+                        "first had no time for")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory for the parts' own outputs "
                         "(study runs, result files; default: a new temporary directory)")
 
@@ -115,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     parts = [p for name, p in PARTS.items() if name in args.part or "all" in args.part]
+    options = Options(args.dry_run, tuple(args.bench_batches) if args.bench_batches else None)
     args.outdir.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GPU check on {report['card']}: " + ", ".join(f"{p.name} ~{p.estimate_s:.0f} s" for p in parts)
           + f"; about {total / 60:.1f} min on an H100", flush=True)
     for part in parts:
-        report["parts"][part.name] = run_part(part, work, args.outdir, args.dry_run)
+        report["parts"][part.name] = run_part(part, work, args.outdir, options)
         _write(args.outdir, report)
     print(_write(args.outdir, report))
     failed = [n for n, p in report["parts"].items() if p["status"] not in ("ok", "not available")]

@@ -24,6 +24,14 @@ STUDY_MODULES = ("torch", "transformers", "tokenizers", "numpy", "yaml", "tqdm",
 
 
 @dataclass(frozen=True)
+class Options:
+    """What the command line passes on to the parts."""
+
+    dry_run: bool = False
+    bench_batches: tuple[int, ...] | None = None  # None: the bench's own (1 and 16)
+
+
+@dataclass(frozen=True)
 class Part:
     """One part: `estimate_s` is what it should take on an H100 (docs/gpu.md), `share_s` when it is stopped."""
 
@@ -31,41 +39,44 @@ class Part:
     estimate_s: float
     share_s: float
     modules: tuple[str, ...]
-    argv: Callable[[Path, float, bool], list[str]]  # (work dir, share, dry run) -> the command
+    argv: Callable[[Path, float, Options], list[str]]  # (work dir, share, options) -> the command
 
     def missing_modules(self) -> list[str]:
         return [m for m in self.modules if importlib.util.find_spec(m) is None]
 
 
-def _tests(work: Path, share: float, dry_run: bool) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", str(work / "tests.xml"),
+def _tests(work: Path, share: float, options: Options) -> list[str]:
+    # -v: a line per finished test, so a stopped run still says which passed
+    return [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", str(work / "tests.xml"),
             str(ROOT / "tests" / "test_cuda.py")]
 
 
-def _bench(work: Path, share: float, dry_run: bool) -> list[str]:
+def _bench(work: Path, share: float, options: Options) -> list[str]:
     # the bench stops starting points 10 s before the hard stop, so its result file is complete
     argv = [sys.executable, "-m", "parloop.gpucheck.bench", "--out", str(work / "bench.json"),
             "--share", str(max(share - 10, 1))]
-    return argv + (["--dry-run"] if dry_run else [])
+    if options.bench_batches:
+        argv += ["--batches", *map(str, options.bench_batches)]
+    return argv + (["--dry-run"] if options.dry_run else [])
 
 
-def _study(work: Path, share: float, dry_run: bool) -> list[str]:
+def _study(work: Path, share: float, options: Options) -> list[str]:
     argv = [sys.executable, "-m", "parloop.gpucheck.study", "--out", str(work / "study"),
             "--summary", str(work / "study.json")]
-    return argv + (["--dry-run"] if dry_run else [])
+    return argv + (["--dry-run"] if options.dry_run else [])
 
 
-def _reasoning(work: Path, share: float, dry_run: bool) -> list[str]:
+def _reasoning(work: Path, share: float, options: Options) -> list[str]:
     return [sys.executable, "-m", "parloop.cli", "study", "--track", "reasoning", "--preset",
-            "quick" if dry_run else "gpu", "--out", str(work / "reasoning")]
+            "quick" if options.dry_run else "gpu", "--out", str(work / "reasoning")]
 
 
 # Shares add up to 350 s: with the check's own start and the writing of its results, the whole check stays under
 # 6 minutes on one H100, so a second call fits a 15-minute loan (docs/gpu.md, "Time").
 PARTS = {
     "tests": Part("tests", 75, 90, ("torch", "transformers", "pytest", "hypothesis"), _tests),
-    "bench": Part("bench", 140, 145, ("torch", "transformers", "tqdm"), _bench),
-    "study": Part("study", 65, 75, STUDY_MODULES, _study),
+    "bench": Part("bench", 140, 140, ("torch", "transformers", "tqdm"), _bench),
+    "study": Part("study", 70, 80, STUDY_MODULES, _study),
     "reasoning": Part("reasoning", 35, 40, STUDY_MODULES, _reasoning),
 }
 # shares of the CPU dry run (tiny shapes; a loaded 2-core machine)

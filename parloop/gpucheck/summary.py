@@ -24,7 +24,8 @@ def _parts(report: dict[str, Any]) -> list[str]:
 
 def _tests(tests: dict[str, Any]) -> list[str]:
     line = (f"tests/test_cuda.py: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped "
-            f"of {tests['total']}")
+            f"of {tests['total']}" + (" (stopped at its share: tests not reached are not counted)"
+                                       if tests.get("stopped") else ""))
     return [line] + [f"- failed: {name}" for name in tests["failures"]]
 
 

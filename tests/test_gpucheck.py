@@ -20,7 +20,7 @@ from conftest import tiny_config
 
 from parloop.gpucheck.acceptance import acceptance, verdict
 from parloop.gpucheck.bench import DRY_RUN, REFERENCE, points
-from parloop.gpucheck.command import tests_from_log
+from parloop.gpucheck.command import tests_from_log as count_from_log
 from parloop.gpucheck.parts import ROOT, cap_log, run_command
 from parloop.model import PLTForCausalLM
 from parloop.study.command import add_arguments as add_study_arguments
@@ -124,7 +124,7 @@ def test_a_stopped_test_run_is_counted_from_its_log(tmp_path: Path) -> None:
     log = tmp_path / "tests.log"
     log.write_text("collected 3 items\n\ntests/test_cuda.py::test_a[bf16-parallel-3] PASSED   [ 33%]\n"
                    "tests/test_cuda.py::test_b FAILED   [ 66%]\ntests/test_cuda.py::test_c SKIPPED (no GPU) [100%]\n")
-    counted = tests_from_log(log)
+    counted = count_from_log(log)
     assert (counted["passed"], counted["failed"], counted["skipped"]) == (1, 1, 1)
     assert counted["failures"] == ["tests/test_cuda.py::test_b"] and counted["stopped"]
 

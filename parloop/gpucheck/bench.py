@@ -209,11 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=None,
                         help=f"batch sizes to measure (default {' '.join(map(str, GPU.batches))}; a second call can "
                         "measure those the first had no time for)")
+    parser.add_argument("--presets", nargs="+", choices=GPU.presets, default=None,
+                        help=f"presets to measure (default {' '.join(GPU.presets)})")
     parser.add_argument("--dry-run", action="store_true", help="the tiny preset on the CPU, eager")
     args = parser.parse_args(argv)
     settings = DRY_RUN if args.dry_run else GPU
     if args.batches:
         settings = replace(settings, batches=tuple(args.batches))
+    if args.presets and not args.dry_run:
+        settings = replace(settings, presets=tuple(p for p in GPU.presets if p in args.presets))
     run_bench_part(settings, args.share, args.out)
     return 0
 

@@ -118,8 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-batches", type=int, nargs="+", default=None, metavar="B",
                         help="batch sizes of the decode bench (default 1 16): a second call can measure those the "
                         "first had no time for")
-    parser.add_argument("--work", type=Path, default=None, help="scratch directory for the parts' own outputs "
-                        "(study runs, result files; default: a new temporary directory)")
+    parser.add_argument("--bench-presets", nargs="+", choices=["1b", "100m"], default=None, metavar="PRESET",
+                        help="presets of the decode bench (default 1b 100m)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "parloop-gpu-check",
+                        help="scratch directory for the parts' own outputs (study runs, result files): a second "
+                        "call with the same one continues a stopped study where it stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     parts = [p for name, p in PARTS.items() if name in args.part or "all" in args.part]
-    options = Options(args.dry_run, tuple(args.bench_batches) if args.bench_batches else None)
+    options = Options(args.dry_run, tuple(args.bench_batches) if args.bench_batches else None,
+                      tuple(args.bench_presets) if args.bench_presets else None)
     args.outdir.mkdir(parents=True, exist_ok=True)
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = dict(started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), card=card(),
                                   python=sys.version.split()[0], torch=_torch_version(), dry_run=args.dry_run,

@@ -29,6 +29,7 @@ class Options:
 
     dry_run: bool = False
     bench_batches: tuple[int, ...] | None = None  # None: the bench's own (1 and 16)
+    bench_presets: tuple[str, ...] | None = None  # None: the bench's own (1b and 100m)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ def _bench(work: Path, share: float, options: Options) -> list[str]:
             "--share", str(max(share - 10, 1))]
     if options.bench_batches:
         argv += ["--batches", *map(str, options.bench_batches)]
+    if options.bench_presets:
+        argv += ["--presets", *options.bench_presets]
     return argv + (["--dry-run"] if options.dry_run else [])
 
 

@@ -20,6 +20,10 @@ from parloop.gpucheck.parts import DRY_RUN_SHARES, PARTS, Options, Part, run_com
 from parloop.gpucheck.summary import markdown
 
 NOT_AVAILABLE = "not available in this build"
+# what a part leaves in the scratch directory for the report: removed before it runs, so that a part stopped early
+# is never reported with an earlier call's results (the study runs themselves stay, to be continued)
+RESULT_FILES = {"tests": ("tests.xml",), "bench": ("bench.json",), "study": ("study.json", "study/report.md"),
+                "reasoning": ("reasoning/report.md",)}
 
 
 def card() -> str:
@@ -91,6 +95,8 @@ def run_part(part: Part, work: Path, out: Path, options: Options) -> dict[str, A
     if part.name == "reasoning" and not study_has_track():
         return {**entry, "status": "not available", "reason": f"{NOT_AVAILABLE}: `parloop study --help` lists no "
                 "--track", "seconds": round(time.perf_counter() - started, 1)}
+    for name in RESULT_FILES[part.name]:
+        (work / name).unlink(missing_ok=True)
     print(f"== {part.name}: estimate {part.estimate_s:.0f} s on an H100, stopped after {share:.0f} s", flush=True)
     status, _, code = run_command(part.argv(work, share, options), out / f"{part.name}.log",
                                   share - (time.perf_counter() - started))

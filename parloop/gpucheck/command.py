@@ -19,7 +19,7 @@ from parloop.gpucheck.acceptance import acceptance
 from parloop.gpucheck.parts import DRY_RUN_SHARES, PARTS, Options, Part, run_command, study_has_track
 from parloop.gpucheck.summary import markdown
 
-NOT_AVAILABLE = "not available in this build"
+NOT_AVAILABLE = "this build's `parloop study --help` lists no --track (the reasoning track, issue 21)"
 # what a part leaves in the scratch directory for the report: removed before it runs, so that a part stopped early
 # is never reported with an earlier call's results (the study runs themselves stay, to be continued)
 RESULT_FILES = {"tests": ("tests.xml",), "bench": ("bench.json",), "study": ("study.json", "study/report.md"),
@@ -93,8 +93,8 @@ def run_part(part: Part, work: Path, out: Path, options: Options) -> dict[str, A
                 "(docs/gpu.md, 'Carried wheels')"}
     started = time.perf_counter()
     if part.name == "reasoning" and not study_has_track():
-        return {**entry, "status": "not available", "reason": f"{NOT_AVAILABLE}: `parloop study --help` lists no "
-                "--track", "seconds": round(time.perf_counter() - started, 1)}
+        return {**entry, "status": "not available", "reason": NOT_AVAILABLE,
+                "seconds": round(time.perf_counter() - started, 1)}
     for name in RESULT_FILES[part.name]:
         (work / name).unlink(missing_ok=True)
     print(f"== {part.name}: estimate {part.estimate_s:.0f} s on an H100, stopped after {share:.0f} s", flush=True)

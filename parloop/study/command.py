@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=unset,
                         help="default: CPU, about 2 h on 2 cores; quick: a smoke test in minutes; gpu: one H100, "
-                        "tens of millions of parameters on the site-packages corpus, bf16, compiled, < 30 min")
+                        "about a minute: a check of the GPU path (9.6M parameters, 1.6M tokens a model, bf16; "
+                        "docs/gpu.md), not a result on loops")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick: for tests and smoke "
                         "checks, not for conclusions")
     parser.add_argument("--loops", type=int, nargs="+", default=unset,

@@ -19,7 +19,7 @@ import torch
 from conftest import tiny_config
 
 from parloop.gpucheck.acceptance import acceptance, verdict
-from parloop.gpucheck.bench import DRY_RUN, REFERENCE, points
+from parloop.gpucheck.bench import DRY_RUN, GPU, REFERENCE, Point, measure_points, points
 from parloop.gpucheck.command import tests_from_log as count_from_log
 from parloop.gpucheck.parts import ROOT, cap_log, run_command
 from parloop.model import PLTForCausalLM
@@ -88,7 +88,7 @@ def test_the_dry_run_goes_through_every_part_without_the_absent_packages(tmp_pat
     assert tests["total"] >= 1 and tests["failed"] == 0 and tests["passed"] + tests["skipped"] == tests["total"]
 
     bench = parts["bench"]["result"]
-    assert not bench["skipped"]
+    assert not bench["skipped"] and not bench["errors"]
     assert len(bench["rows"]) + len(bench["references"]) == len(points(DRY_RUN))
     assert all(isinstance(f["met"], bool) for f in bench["acceptance"])  # every figure measured
 
@@ -110,6 +110,29 @@ def test_a_part_that_overruns_its_share_is_stopped(tmp_path: Path) -> None:
     assert 2.0 <= seconds < 20 and time.perf_counter() - started < 20
     assert "started" in (tmp_path / "slow.log").read_text()
     assert run_command([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "fail.log", 30)[::2] == ("failed", 3)
+
+
+class _FailingModels:
+    """Stands in for the bench's models: the reference fails, every other point returns its own description."""
+
+    def measure(self, point: Point) -> dict:
+        if point.mode == REFERENCE:
+            raise RuntimeError("no graph for you")
+        return {"measured": (point.preset, point.batch, point.mode, point.loops)}
+
+
+def test_a_bench_point_that_fails_is_reported_and_the_next_ones_measured() -> None:
+    outcomes = list(measure_points(DRY_RUN, 600.0, _FailingModels()))
+    assert [o.point for o in outcomes] == points(DRY_RUN)
+    failed = [o for o in outcomes if o.error is not None]
+    assert {o.point.mode for o in failed} == {REFERENCE} and "no graph for you" in failed[0].error
+    assert all(o.row == {"measured": (o.point.preset, o.point.batch, o.point.mode, o.point.loops)}
+               for o in outcomes if o.point.mode != REFERENCE)
+
+
+def test_bench_points_that_cannot_fit_the_share_are_skipped() -> None:
+    outcomes = list(measure_points(GPU, 1.0, _FailingModels()))  # every GPU point is predicted at 25 s or more
+    assert outcomes and all(o.row is None and o.error is None and o.seconds > 1.0 for o in outcomes)
 
 
 def test_a_long_log_keeps_its_head_and_tail(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -159,20 +160,50 @@ def _write(path: Path, result: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _measured(settings: Settings, share_s: float, models: Models) -> Iterator[tuple[Point, dict[str, Any] | None,
-                                                                                   float]]:
-    """(point, its row or None if skipped, seconds or predicted seconds) for every point, in order."""
+@dataclass
+class Outcome:
+    """What became of one point: its row, or the reason it has none (skipped for time, or the error it raised)."""
+
+    point: Point
+    seconds: float  # measured, or predicted for a skipped point
+    row: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def measure_points(settings: Settings, share_s: float, models: Models) -> Iterator[Outcome]:
+    """Every point in order, measured or skipped. A point that fails is reported and the next one measured: one
+    mode that does not compile must not cost the figures of the others."""
     budget = Budget(settings, share_s)
     for point in points(settings):
         predicted = budget.predict(point)
         if predicted > budget.left():
-            yield point, None, predicted
+            yield Outcome(point, predicted)
             continue
         started = time.perf_counter()
-        row = models.measure(point)
-        seconds = time.perf_counter() - started
-        budget.record(point, seconds)
-        yield point, row, seconds
+        try:
+            outcome = Outcome(point, 0.0, row=models.measure(point))
+        except Exception as err:  # reported in the result, with the traceback in the log
+            traceback.print_exc()
+            outcome = Outcome(point, 0.0, error=f"{type(err).__name__}: {err}"[:500])
+        outcome.seconds = time.perf_counter() - started
+        budget.record(point, outcome.seconds)
+        yield outcome
+
+
+def _file(result: dict[str, Any], outcome: Outcome) -> str:
+    """Put `outcome` where it belongs in `result`; returns its log line."""
+    p = outcome.point
+    entry = dict(preset=p.preset, batch=p.batch, mode=p.mode, loops=p.loops)
+    what = f"{p.preset} batch {p.batch} {p.mode} R={p.loops}: "
+    if outcome.error is not None:
+        result["errors"].append({**entry, "error": outcome.error, "seconds": round(outcome.seconds, 1)})
+        return what + f"FAILED after {outcome.seconds:.1f} s: {outcome.error}"
+    if outcome.row is None:
+        result["skipped"].append({**entry, "predicted_s": round(outcome.seconds, 1)})
+        return what + f"skipped, predicted {outcome.seconds:.1f} s"
+    target = result["references"] if p.mode == REFERENCE else result["rows"]
+    target.append({**entry, **outcome.row, "seconds": round(outcome.seconds, 1)})
+    return what + f"{outcome.seconds:.1f} s"
 
 
 def run_bench_part(settings: Settings, share_s: float, out: Path) -> dict[str, Any]:
@@ -186,17 +217,10 @@ def run_bench_part(settings: Settings, share_s: float, out: Path) -> dict[str, A
         settings={k: v for k, v in asdict(settings).items() if k != "point_seconds"}, share_s=share_s,
         machine=dict(device=str(device), device_name=name, torch_version=torch.__version__,
                      copy_bandwidth_gbs=significant(models.bandwidth_gbs)),
-        rows=[], references=[], skipped=[])
+        rows=[], references=[], skipped=[], errors=[])
     _write(out, result)
-    for point, row, seconds in _measured(settings, share_s, models):
-        entry = dict(preset=point.preset, batch=point.batch, mode=point.mode, loops=point.loops)
-        if row is None:
-            result["skipped"].append({**entry, "predicted_s": round(seconds, 1)})
-        else:
-            target = result["references"] if point.mode == REFERENCE else result["rows"]
-            target.append({**entry, **row, "seconds": round(seconds, 1)})
-        print(f"{point.preset} batch {point.batch} {point.mode} R={point.loops}: "
-              + ("skipped, predicted " if row is None else "") + f"{seconds:.1f} s", flush=True)
+    for outcome in measure_points(settings, share_s, models):
+        print(_file(result, outcome), flush=True)
         result["seconds"] = round(time.perf_counter() - started, 1)
         _write(out, result)
     return result
@@ -218,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, batches=tuple(args.batches))
     if args.presets and not args.dry_run:
         settings = replace(settings, presets=tuple(p for p in GPU.presets if p in args.presets))
-    run_bench_part(settings, args.share, args.out)
-    return 0
+    result = run_bench_part(settings, args.share, args.out)
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":

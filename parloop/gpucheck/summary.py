@@ -40,6 +40,8 @@ def _bench(bench: dict[str, Any]) -> list[str]:
              _number(r.get("achieved_gbs"), "{:.0f}"), _number(r.get("achieved_bandwidth_pct"), "{:.1f}"),
              f"{r['seconds']:.0f}"] for r in bench["rows"] + bench["references"]]
     lines += _table(["preset", "batch", "mode", "R", "ms/token (p10-p90)", "GB/s", "% copy bw", "point s"], rows)
+    for e in bench.get("errors", []):
+        lines += ["", f"FAILED: {e['preset']} b{e['batch']} {e['mode']} R={e['loops']}: {e['error']}"]
     if bench["skipped"]:
         skipped = ", ".join(f"{s['preset']} b{s['batch']} {s['mode']} R={s['loops']}" for s in bench["skipped"])
         lines += ["", f"not measured (time share spent): {skipped}"]

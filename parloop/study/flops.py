@@ -37,7 +37,7 @@ class Compute:
         return self.flops / flops_per_second
 
     def describe(self) -> str:
-        return (f"{self.runs} training runs, {self.tokens / 1e6:.1f}M tokens, {self.flops:.3g} FLOPs "
+        return (f"{self.runs} training runs, {self.tokens:,} tokens, {self.flops:.3g} FLOPs "
                 "(6 x parameters x tokens + attention, R x the layers for a looped model)")
 
 

@@ -74,7 +74,7 @@ def test_the_dry_run_goes_through_every_part_without_the_absent_packages(tmp_pat
     assert probe.returncode != 0, "the block did not take: the dry run would prove nothing"
     out = tmp_path / "out"
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), str(out), "--dry-run", "--work",
-                           str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     files = sorted(p for p in out.rglob("*") if p.is_file())

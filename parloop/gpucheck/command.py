@@ -89,8 +89,9 @@ def run_part(part: Part, work: Path, out: Path, options: Options) -> dict[str, A
     entry: dict[str, Any] = dict(status="skipped", estimate_s=part.estimate_s, share_s=share)
     missing = part.missing_modules()
     if missing:
-        return {**entry, "reason": f"missing Python modules {', '.join(missing)}: carry them as wheels "
-                "(docs/gpu.md, 'Carried wheels')"}
+        return {**entry, "reason": f"missing Python modules {', '.join(missing)}: run `scripts/gpu-check.sh "
+                "--prepare` where a package registry is reachable and carry .whl (docs/gpu.md, 'What the check "
+                "imports')"}
     started = time.perf_counter()
     if part.name == "reasoning" and not study_has_track():
         return {**entry, "status": "not available", "reason": NOT_AVAILABLE,

@@ -75,7 +75,7 @@ def _reasoning(work: Path, share: float, options: Options) -> list[str]:
 
 
 # Shares add up to 350 s: with the check's own start and the writing of its results, the whole check stays under
-# 6 minutes on one H100, so a second call fits a 15-minute loan (docs/gpu.md, "Time").
+# 6 minutes on one H100, so a second call fits a 15-minute loan (docs/gpu.md, "Parts, estimates and shares").
 PARTS = {
     "tests": Part("tests", 75, 90, ("torch", "transformers", "pytest", "hypothesis"), _tests),
     "bench": Part("bench", 140, 140, ("torch", "transformers", "tqdm"), _bench),

@@ -87,8 +87,11 @@ DRY_RUN_SHARES = {"tests": 120, "bench": 120, "study": 240, "reasoning": 240}
 
 
 def child_env() -> dict[str, str]:
-    """The environment of a part: the repository importable (parloop is not installed there), output unbuffered."""
+    """The environment of a part: the repository importable (parloop is not installed there), output unbuffered,
+    and the Hugging Face hub offline (nothing is downloaded, and the GPU machine reaches no network: a hub call
+    should fail at once, not wait for a connection)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 

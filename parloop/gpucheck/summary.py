@@ -29,6 +29,19 @@ def _tests(tests: dict[str, Any]) -> list[str]:
     return [line] + [f"- failed: {name}" for name in tests["failures"]]
 
 
+def _against_sequential(rows: list[dict[str, Any]]) -> list[str]:
+    """Each sequential-mode row's decode time over parallel's at the same preset, batch and R."""
+    parallel = {(r["preset"], r["batch"], r["loops"]): r["decode_ms_per_token"] for r in rows
+                if r["mode"] == "parallel"}
+    cells = [[r["preset"], str(r["batch"]), str(r["loops"]), r["mode"],
+              f"{r['decode_ms_per_token'] / parallel[key]:.2f}"]
+             for r in rows if r["mode"] != "parallel" and (key := (r["preset"], r["batch"], r["loops"])) in parallel]
+    if not cells:
+        return []
+    return ["", "Sequential modes against parallel (decode time per token, same preset, batch and R):", "",
+            *_table(["preset", "batch", "R", "mode", "x parallel"], cells)]
+
+
 def _bench(bench: dict[str, Any]) -> list[str]:
     lines = [f"machine: {bench['machine']['device_name']}, torch {bench['machine']['torch_version']}, copy "
              f"bandwidth {bench['machine']['copy_bandwidth_gbs']:.0f} GB/s (read + write)", ""]
@@ -40,6 +53,7 @@ def _bench(bench: dict[str, Any]) -> list[str]:
              _number(r.get("achieved_gbs"), "{:.0f}"), _number(r.get("achieved_bandwidth_pct"), "{:.1f}"),
              f"{r['seconds']:.0f}"] for r in bench["rows"] + bench["references"]]
     lines += _table(["preset", "batch", "mode", "R", "ms/token (p10-p90)", "GB/s", "% copy bw", "point s"], rows)
+    lines += _against_sequential(bench["rows"])
     for e in bench.get("errors", []):
         lines += ["", f"FAILED: {e['preset']} b{e['batch']} {e['mode']} R={e['loops']}: {e['error']}"]
     if bench["skipped"]:

@@ -31,8 +31,9 @@ from parloop.kernels import use_few_row_kernels
 from parloop.model import PLTForCausalLM
 
 
-class _Measurer:
-    """What every measurement of one `run_bench` call shares: device, dtype, prompts, the measured bandwidth."""
+class Measurer:
+    """What every measurement of one `run_bench` call shares: device, dtype, prompts, the measured bandwidth.
+    Public for `parloop.gpucheck.bench`, which measures rows one at a time within a time share."""
 
     def __init__(self, options: BenchOptions, device: torch.device, bandwidth_gbs: float) -> None:
         self.options, self.device, self.bandwidth_gbs = options, device, bandwidth_gbs
@@ -59,8 +60,10 @@ class _Measurer:
         return dict(bytes_per_step=bytes_per_step, achieved_gbs=significant(gbs),
                     achieved_bandwidth_pct=significant(100 * gbs / self.bandwidth_gbs))
 
-    def reference(self, base: PLTForCausalLM, base_state: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """The `transformers` Llama with the R = 1 weights, and R = 1 itself through `generate`."""
+    def reference(self, base: PLTForCausalLM, base_state: dict[str, torch.Tensor],
+                  generate: bool = True) -> dict[str, Any]:
+        """The `transformers` Llama with the R = 1 weights, and (with `generate`) both through `generate`, whose
+        static cache compiles each model once more (None in those fields without it)."""
         o = self.options
         prompt = self.prompt(o.batch, o.context)
         llama = build_reference(base.config, base_state).to(device=self.device, dtype=self.dtype)
@@ -72,14 +75,15 @@ class _Measurer:
             stepper, new_cache = llama, partial(DynamicCache, config=llama.config)
         timing = time_decode(stepper, new_cache, prompt, o.warmup, o.new_tokens)
         step_bytes = decode_step_bytes(llama, "parallel", 1, o.batch, o.context + self.mid_length, 0)
-        generate = partial(time_generate, prompt=prompt, warmup=o.warmup, steps=o.new_tokens, static=self.compile)
+        timed = partial(time_generate, prompt=prompt, warmup=o.warmup, steps=o.new_tokens, static=self.compile)
+        llama_generate, r1_generate = (timed(llama), timed(base)) if generate else (None, None)
         return dict(model="transformers.LlamaForCausalLM", cache="static, compiled" if self.compile else "dynamic",
                     batch=o.batch, context=o.context,
                     new_tokens=o.new_tokens, params=sum(p.numel() for p in llama.parameters()),
                     decode_ms_per_token=significant(timing.decode_ms), **timing.spread(),
                     prefill_ms=significant(timing.prefill_ms),
-                    generate_ms_per_token=significant(generate(llama)),
-                    plt_r1_generate_ms_per_token=significant(generate(base)),
+                    generate_ms_per_token=llama_generate and significant(llama_generate),
+                    plt_r1_generate_ms_per_token=r1_generate and significant(r1_generate),
                     **self.achieved(step_bytes, timing.decode_ms))
 
     def row(self, model: PLTForCausalLM, batch: int, context: int) -> dict[str, Any]:
@@ -127,7 +131,7 @@ def _runs(options: BenchOptions) -> list[tuple[int, str, int, int]]:
     return sorted(runs, key=lambda run: (run[0], modes.index(run[1]), run[2], run[3]))
 
 
-def _measure_rows(measurer: _Measurer, runs: list[tuple[int, str, int, int]], base: PLTForCausalLM,
+def _measure_rows(measurer: Measurer, runs: list[tuple[int, str, int, int]], base: PLTForCausalLM,
                   base_state: dict[str, torch.Tensor], max_length: int, bar: tqdm) -> list[dict[str, Any]]:
     """A row per run; `base` is the R = 1 model, every other model loads `base_state`."""
     o = measurer.options
@@ -192,7 +196,7 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
         torch.set_num_threads(options.threads)
     bandwidth = measure_memory_bandwidth(device, options.bandwidth_mb)
     machine = _machine(device, bandwidth)
-    measurer = _Measurer(options, device, bandwidth)
+    measurer = Measurer(options, device, bandwidth)
     shape, runs = options.model_shape(), _runs(options)
     max_length = max(c for _, _, c in options.points()) + options.warmup + options.new_tokens
 

@@ -14,6 +14,7 @@ import torch
 from parloop.config import LOOP_MODES
 from parloop.study.corpus import prepare_data
 from parloop.study.estimate import Progress, format_duration
+from parloop.study.flops import plan_compute
 from parloop.study.grid import PRESETS, STUDY_MODES, Preset, pick_scales
 from parloop.study.plan import Plan, estimate_times, make_plan
 from parloop.study.report import write_report
@@ -34,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=unset,
                         help="default: CPU, about 2 h on 2 cores; quick: a smoke test in minutes; gpu: one H100, "
-                        "tens of millions of parameters on the site-packages corpus, bf16, compiled, < 30 min")
+                        "about a minute: a check of the GPU path (9.6M parameters, 1.6M tokens a model, bf16; "
+                        "docs/gpu.md), not a result on loops")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick: for tests and smoke "
                         "checks, not for conclusions")
     parser.add_argument("--loops", type=int, nargs="+", default=unset,
@@ -119,6 +121,7 @@ def _train_and_evaluate(args: argparse.Namespace, study: Path, preset: Preset, p
           f"{format_duration(sum(t.wall for t in times))} on this machine as loaded now, about "
           f"{format_duration(sum(t.quiet for t in times))} with nothing else running (a training step of each model "
           f"timed now; evaluations estimated)", file=sys.stderr)
+    print(f"training compute: {plan_compute(plan, preset, corpus, args.overrides).describe()}", file=sys.stderr)
     if args.estimate:
         return {}, []
     sweep = _train_sweep(plan, progress, study, preset, corpus, args.overrides)

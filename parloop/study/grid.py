@@ -72,21 +72,21 @@ PRESETS = {
                    device="cpu", log_interval=5, eval_sequences=8, keep_checkpoints=1),
         loops=(1, 2), seeds=2, lr_multipliers=(1.0, 2.0), checkpoints=1, validations=1, eval_bytes=6_000,
         programs=6, lines=20, humaneval=1, humaneval_tokens=8, diagnostic_sequences=4),
-    # one H100: about 24 minutes of training by a FLOP count at 120 TFLOP/s, plus compilation and evaluation (never
-    # run yet: docs/study.md); 13M- and 26M-parameter models (R = 1), 20M and 30M tokens each, about 1.1B tokens in
-    # all; the site-packages corpus; bf16, compiled
+    # one H100 in about a minute (docs/gpu.md: the whole GPU check fits a 15-minute loan): a 9.6M-parameter model
+    # (R = 1), 1.6M tokens per model in 50 steps of 64 x 512 tokens, 2 seeds, no learning-rate sweep; the stdlib
+    # corpus; bf16, eager (compiling five distinct models would take longer than training them). A check that the
+    # GPU path trains and evaluates the whole grid, and a measure of its throughput, not a result on loops.
     "gpu": Preset(
-        source="site-packages", vocab_size=16384, val_fraction=0.01, test_fraction=0.01,
+        source="stdlib", vocab_size=8192, val_fraction=0.02, test_fraction=0.02, program_fraction=0.01,
         model=dict(num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
                    plt_window_size=[64, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE),
-        scales=(Scale("13m", dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4), 20_000_000),
-                Scale("26m", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6), 30_000_000)),
-        train=dict(seq_len=512, batch_size=64, micro_batch_size=64, lr=2e-3, min_lr=2e-4, weight_decay=0.1,
-                   dtype="bfloat16", device="cuda", compile=True, log_interval=50, eval_sequences=256,
+        scales=(Scale("10m", dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4), 50 * 64 * 512),),
+        train=dict(seq_len=512, batch_size=64, micro_batch_size=64, lr=3e-3, min_lr=3e-4, weight_decay=0.1,
+                   dtype="bfloat16", device="cuda", compile=False, log_interval=10, eval_sequences=64,
                    keep_checkpoints=1),
-        loops=(1, 2), seeds=3, lr_multipliers=(0.5, 1.0, 2.0), checkpoints=2, validations=4, eval_batch=64,
-        eval_bytes=1_000_000, programs=300, lines=500, humaneval=None, humaneval_tokens=128,
-        diagnostic_sequences=64, threads=None),
+        loops=(1, 2), seeds=2, lr_multipliers=(1.0,), checkpoints=1, validations=2, eval_batch=64,
+        eval_bytes=60_000, programs=32, lines=32, humaneval=4, humaneval_tokens=32, diagnostic_sequences=8,
+        threads=None),
 }
 
 

@@ -1,0 +1,57 @@
+"""`parloop study --track reasoning`: the reasoning track from the command line (docs/study.md, "The reasoning
+track"). The options it reads: --out, --preset/--quick, --seeds, --loops, --threads, --workers, --device."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from parloop.study.estimate import format_duration
+from parloop.study.reasoning_grid import REASONING_PRESETS, ReasoningPreset
+from parloop.study.reasoning_track import run_track, scaled
+
+
+def reasoning_preset(args: argparse.Namespace) -> ReasoningPreset:
+    """The chosen preset with the command line's changes."""
+    preset = REASONING_PRESETS["quick" if args.quick else getattr(args, "preset", "default")]
+    loops = getattr(args, "loops", None)
+    loops = tuple(sorted({r for r in loops if r > 1})) if loops else None
+    return scaled(preset, seeds=getattr(args, "seeds", None), loops=loops, threads=getattr(args, "threads", None),
+                  workers=args.workers, lr_multipliers=None if args.lr_sweep else (1.0,))
+
+
+def _problem(preset: ReasoningPreset) -> str | None:
+    if preset.seeds < 1:
+        return "--seeds must be >= 1"
+    if not preset.loops or 2 not in preset.loops:
+        return "--loops must include 2 for the reasoning track (R = 2 is trained at every point)"
+    if preset.workers < 1:
+        return "--workers must be >= 1"
+    return None
+
+
+def run_reasoning(args: argparse.Namespace) -> int:
+    preset = reasoning_preset(args)
+    if problem := _problem(preset):
+        print(f"parloop study --track reasoning: error: {problem}", file=sys.stderr)
+        return 2
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        print("parloop study --track reasoning: error: this preset trains on a GPU and none is visible; use the "
+              "default preset on a CPU", file=sys.stderr)
+        return 2
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    study: Path = args.out
+    study.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = run_track(preset, study, {"preset": asdict(preset)})
+    v = results["verdict"]
+    print(f"reasoning track: depth-hungry points: {', '.join(results['hungry']) or 'none'}; recommended loop "
+          f"count: {'R = ' + str(v) if v else 'no verdict (no point needs depth)'}")
+    print(f"report: {study / 'report.md'}  ({format_duration(time.perf_counter() - started)})")
+    return 0

@@ -1,0 +1,119 @@
+"""The reasoning track's presets and grid (docs/study.md, "The reasoning track"): at every task, difficulty and
+base depth L, the models R = 1 (L layers), R = 1 with R x L layers (compute-matched), and `parallel`,
+`sequential_shared` and `sequential` at each R, plus `parallel` and `sequential_shared` with filler tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from parloop.study.grid import RELEASED_ARCHITECTURE, STUDY_MODES
+
+
+@dataclass(frozen=True)
+class TaskSetting:
+    """A task, the difficulties to study, and its generator's options."""
+
+    name: str
+    difficulties: tuple[int, ...]
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Point:
+    """Where models are compared: a task at a difficulty, at base depth `layers`."""
+
+    task: str
+    difficulty: int
+    layers: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}-{self.difficulty}/L{self.layers}"
+
+
+@dataclass(frozen=True)
+class ReasoningCell:
+    """One model of the grid at a point: R loops of `depth` x L layers in `mode`, with `filler` tokens between
+    question and answer."""
+
+    loops: int
+    mode: str = "parallel"
+    depth: int = 1
+    filler: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.loops == 1:
+            return "r1" if self.depth == 1 else f"r1-x{self.depth}layers"
+        return f"{self.mode}-r{self.loops}" + (f"-fill{self.filler}" if self.filler else "")
+
+
+@dataclass
+class ReasoningPreset:
+    tasks: tuple[TaskSetting, ...]
+    layers: tuple[int, ...] = (1, 2)
+    loops: tuple[int, ...] = (2, 3, 4)
+    seeds: int = 3
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 3e-3
+    lr_multipliers: tuple[float, ...] = (0.5, 1.0, 2.0)
+    sweep_seed: int = 1000  # never a compared seed: no compared model was picked by its own result
+    curriculum: float = 0.0  # share of the steps over which the difficulty ramps up from 1 (every model alike)
+    filler_per_loop: int = 1  # filler tokens per extra loop in the filler models (R - 1 loops: (R - 1) x this)
+    held_out: int = 2000  # held-out instances per point
+    loops_everywhere: bool = False  # loop models at every point, not only the depth-hungry ones (--quick)
+    model: dict[str, Any] = field(default_factory=lambda: dict(
+        hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+        plt_window_size=[16, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE))
+    workers: int = 2  # training processes at once
+    threads: int | None = 1  # torch threads per process
+    device: str = "cpu"
+
+
+def depth_cells() -> list[ReasoningCell]:
+    """The depth check's pair: R = 1 and the compute-matched R = 1 of R = 2 (2 x L layers)."""
+    return [ReasoningCell(1), ReasoningCell(1, depth=2)]
+
+
+def loop_cells(loops: Sequence[int], modes: Sequence[str] = STUDY_MODES) -> list[ReasoningCell]:
+    """Every looped model at each R, and the compute-matched R = 1 of each R not yet in the depth check."""
+    cells = []
+    for r in sorted(set(loops)):
+        if r > 2:
+            cells.append(ReasoningCell(1, depth=r))
+        cells += [ReasoningCell(r, mode) for mode in modes]
+    return cells
+
+
+def filler_cells(loops: Sequence[int], per_loop: int) -> list[ReasoningCell]:
+    """`parallel` and `sequential_shared` at each R with (R - 1) x `per_loop` filler tokens."""
+    return [ReasoningCell(r, mode, filler=(r - 1) * per_loop) for r in sorted(set(loops)) if r > 1
+            for mode in ("parallel", "sequential_shared")]
+
+
+def points(preset: ReasoningPreset) -> list[Point]:
+    return [Point(t.name, d, layers) for t in preset.tasks for d in t.difficulties for layers in preset.layers]
+
+
+REASONING_PRESETS = {
+    "default": ReasoningPreset(tasks=(TaskSetting("phop", (1, 2), dict(alphabet=4, length=64)),
+                                      TaskSetting("addition", (3,)), TaskSetting("tracing", (2,)))),
+    # the whole pipeline in about a minute: tiny models, a few steps, 2 seeds, every stage
+    "quick": ReasoningPreset(
+        tasks=(TaskSetting("phop", (1,), dict(alphabet=4, length=24)), TaskSetting("tracing", (1,))),
+        layers=(1,), loops=(2,), seeds=2, steps=6, batch_size=8, lr_multipliers=(1.0, 2.0), held_out=64,
+        loops_everywhere=True,
+        model=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                   plt_window_size=[4, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE), workers=1),
+    # one H100: wider models and more steps, every R and both base depths (not run yet)
+    "gpu": ReasoningPreset(
+        tasks=(TaskSetting("phop", (1, 2, 3), dict(alphabet=4, length=64)), TaskSetting("addition", (3, 5)),
+               TaskSetting("tracing", (2, 3))),
+        steps=3000, batch_size=128, model=dict(
+            hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
+            plt_window_size=[16, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE),
+        workers=1, threads=None, device="cuda"),
+}

@@ -1,0 +1,76 @@
+"""`parloop study --track reasoning`: the stages of the reasoning track (docs/study.md, "The reasoning track").
+
+1. the learning-rate sweep: at one point per task (its hardest difficulty, the smallest L), R = 1, the
+   compute-matched R = 1 of R = 2 and every mode at R = 2, each at every multiplier, with the sweep seed, scored on
+   the validation half of the held-out set; every other model takes the choice of its swept counterpart;
+2. the depth check: R = 1 and R = 1 with 2 x L layers at every point and seed;
+3. at the depth-hungry points: every mode at every R, the compute-matched R = 1 of R = 3, 4, and the filler
+   models (points that do not need depth get none: the track cannot speak about loops there);
+4. the report."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from parloop.study.reasoning_analysis import choose_multipliers, depth_hungry, group, multiplier
+from parloop.study.reasoning_grid import (
+    Point,
+    ReasoningCell,
+    ReasoningPreset,
+    depth_cells,
+    filler_cells,
+    loop_cells,
+    points,
+)
+from parloop.study.reasoning_report import write_reasoning_report
+from parloop.study.reasoning_run import Job, run_jobs
+
+
+def sweep_points(preset: ReasoningPreset) -> list[Point]:
+    return [Point(t.name, max(t.difficulties), min(preset.layers)) for t in preset.tasks]
+
+
+def sweep_jobs(preset: ReasoningPreset) -> list[Job]:
+    if len(preset.lr_multipliers) < 2:
+        return []
+    cells = depth_cells() + loop_cells([2])
+    return [Job(p, c, preset.sweep_seed, m, part="val") for p in sweep_points(preset) for c in cells
+            for m in preset.lr_multipliers]
+
+
+def compared_jobs(preset: ReasoningPreset, cells: list[ReasoningCell], at: list[Point],
+                  chosen: dict[str, Any]) -> list[Job]:
+    return [Job(p, c, seed, multiplier(chosen, p.task, c.name)) for p in at for c in cells
+            for seed in range(preset.seeds)]
+
+
+def later_cells(preset: ReasoningPreset, hungry: bool) -> list[ReasoningCell]:
+    """The looped models and the deeper compute-matched ones, only where the task needs depth (everywhere with
+    `preset.loops_everywhere`, so that `--quick` runs every stage whatever its depth check says)."""
+    if not (hungry or preset.loops_everywhere):
+        return []
+    return loop_cells(preset.loops) + filler_cells(preset.loops, preset.filler_per_loop)
+
+
+def run_track(preset: ReasoningPreset, study: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Every stage, then report.md and results.json in `study`; returns the results."""
+    started = time.perf_counter()
+    sweep = run_jobs(sweep_jobs(preset), preset, study, "learning-rate sweep")
+    chosen = choose_multipliers(sweep)
+    grid = points(preset)
+    depth = run_jobs(compared_jobs(preset, depth_cells(), grid, chosen), preset, study, "depth check")
+    hungry = {p.name: depth_hungry(cells)[0] for p in grid for cells in [group(depth).get(p.name, {})]}
+    print("depth-hungry points: " + (", ".join(n for n, h in hungry.items() if h) or "none"), file=sys.stderr)
+    later = [j for p in grid for j in compared_jobs(preset, later_cells(preset, hungry[p.name]), [p], chosen)]
+    models = depth + run_jobs(later, preset, study, "loop models")
+    settings = {**settings, "wall_seconds": time.perf_counter() - started}
+    return write_reasoning_report(study, models, sweep, chosen, settings)
+
+
+def scaled(preset: ReasoningPreset, **changes: Any) -> ReasoningPreset:
+    """The preset with command-line changes (seeds, workers, ...) applied; absent ones keep the preset's."""
+    return replace(preset, **{k: v for k, v in changes.items() if v is not None})

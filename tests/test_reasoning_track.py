@@ -93,3 +93,11 @@ def test_quick_reasoning_track_runs_end_to_end_and_resumes(tmp_path: Path, capsy
     assert main(["study", "--track", "reasoning", "--quick", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "depth check: 8 models, 8 already done" in err and ", 0 already done" not in err
+
+
+def test_grid_trims_r_above_two_to_its_modes_and_one_compute_matched_model() -> None:
+    cells = [c.name for c in loop_cells([2, 3, 4], more_modes=("parallel", "sequential_shared"))]
+    assert cells == ["parallel-r2", "sequential_shared-r2", "sequential-r2", "parallel-r3", "sequential_shared-r3",
+                     "r1-x4layers", "parallel-r4", "sequential_shared-r4"]
+    assert [c.name for c in filler_cells([2, 3, 4], 1)] == ["parallel-r2-fill1", "sequential_shared-r2-fill1",
+                                                           "parallel-r4-fill3", "sequential_shared-r4-fill3"]

@@ -70,9 +70,10 @@ def step_difficulty(run: ReasoningRun, step: int) -> int:
     return min(run.difficulty, 1 + step * run.difficulty // ramp)
 
 
-def train_model(run: ReasoningRun, task: Task, progress: bool = False) -> tuple[PLTForCausalLM, dict[str, Any]]:
-    """Train `run`; returns the model (in eval mode) and its training figures."""
-    model = build_model(run, task)
+def train_model(run: ReasoningRun, task: Task, device: str = "cpu",
+                progress: bool = False) -> tuple[PLTForCausalLM, dict[str, Any]]:
+    """Train `run` on `device`; returns the model (in eval mode) and its training figures."""
+    model = build_model(run, task).to(device)
     recipe = TrainRecipe(lr=run.lr, min_lr=run.lr * run.min_lr_ratio, max_steps=run.steps,
                          warmup_steps=min(run.warmup_steps, run.steps // 2), weight_decay=run.weight_decay)
     optimizer, scheduler = build_optimizer(model, recipe)
@@ -82,8 +83,8 @@ def train_model(run: ReasoningRun, task: Task, progress: bool = False) -> tuple[
     for step in tqdm(range(run.steps), desc=f"{run.task} {run.difficulty} R={run.loops} {run.mode}",
                      disable=not progress, leave=False):
         batch = training_batch(task, run.seed, step, run.batch_size, step_difficulty(run, step), run.filler)
-        logits = model(input_ids=torch.from_numpy(batch.inputs), use_cache=False).logits
-        loss = answer_loss(logits, torch.from_numpy(batch.labels))
+        logits = model(input_ids=torch.from_numpy(batch.inputs).to(device), use_cache=False).logits
+        loss = answer_loss(logits, torch.from_numpy(batch.labels).to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()

@@ -65,6 +65,12 @@ class ReasoningPreset:
     filler_per_loop: int = 1  # filler tokens per extra loop in the filler models (R - 1 loops: (R - 1) x this)
     held_out: int = 2000  # held-out instances per point
     loops_everywhere: bool = False  # loop models at every point, not only the depth-hungry ones (--quick)
+    # the trims that fit the default preset into an hour on 2 cores (docs/study.md): loop models only at these base
+    # depths (None: all), R > 2 only at this many depth-hungry points (the largest depth gains first; None: all)
+    # and only in these modes
+    loop_layers: tuple[int, ...] | None = None
+    more_loops_at: int | None = None
+    more_loops_modes: tuple[str, ...] = STUDY_MODES
     model: dict[str, Any] = field(default_factory=lambda: dict(
         hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
         plt_window_size=[16, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE))
@@ -78,19 +84,21 @@ def depth_cells() -> list[ReasoningCell]:
     return [ReasoningCell(1), ReasoningCell(1, depth=2)]
 
 
-def loop_cells(loops: Sequence[int], modes: Sequence[str] = STUDY_MODES) -> list[ReasoningCell]:
-    """Every looped model at each R, and the compute-matched R = 1 of each R not yet in the depth check."""
+def loop_cells(loops: Sequence[int], modes: Sequence[str] = STUDY_MODES,
+               more_modes: Sequence[str] | None = None) -> list[ReasoningCell]:
+    """Every looped model at each R (in `more_modes` for R > 2, default all of `modes`), and the compute-matched
+    R = 1 of the largest R when it is above 2 (that of R = 2 is in the depth check)."""
     cells = []
     for r in sorted(set(loops)):
-        if r > 2:
+        if r > 2 and r == max(loops):
             cells.append(ReasoningCell(1, depth=r))
-        cells += [ReasoningCell(r, mode) for mode in modes]
+        cells += [ReasoningCell(r, mode) for mode in (modes if r <= 2 or more_modes is None else more_modes)]
     return cells
 
 
 def filler_cells(loops: Sequence[int], per_loop: int) -> list[ReasoningCell]:
-    """`parallel` and `sequential_shared` at each R with (R - 1) x `per_loop` filler tokens."""
-    return [ReasoningCell(r, mode, filler=(r - 1) * per_loop) for r in sorted(set(loops)) if r > 1
+    """`parallel` and `sequential_shared` with (R - 1) x `per_loop` filler tokens, at R = 2 and the largest R."""
+    return [ReasoningCell(r, mode, filler=(r - 1) * per_loop) for r in sorted({2, max(loops)} & set(loops))
             for mode in ("parallel", "sequential_shared")]
 
 
@@ -99,21 +107,25 @@ def points(preset: ReasoningPreset) -> list[Point]:
 
 
 REASONING_PRESETS = {
-    "default": ReasoningPreset(tasks=(TaskSetting("phop", (1, 2), dict(alphabet=4, length=64)),
-                                      TaskSetting("addition", (3,)), TaskSetting("tracing", (2,)))),
+    # about an hour on 2 busy CPU cores (docs/study.md, "The reasoning track"): d = 64, 500 steps of 32 sequences;
+    # the depth check at L = 1 and 2, loop models at L = 1 only, R = 3 and 4 at one point
+    "default": ReasoningPreset(
+        tasks=(TaskSetting("phop", (1, 2), dict(alphabet=4, length=32)), TaskSetting("tracing", (1,)),
+               TaskSetting("addition", (2,))),
+        steps=500, lr_multipliers=(1.0, 2.0), loop_layers=(1,), more_loops_at=1,
+        more_loops_modes=("parallel", "sequential_shared")),
     # the whole pipeline in about a minute: tiny models, a few steps, 2 seeds, every stage
     "quick": ReasoningPreset(
         tasks=(TaskSetting("phop", (1,), dict(alphabet=4, length=24)), TaskSetting("tracing", (1,))),
-        layers=(1,), loops=(2,), seeds=2, steps=6, batch_size=8, lr_multipliers=(1.0, 2.0), held_out=64,
-        loops_everywhere=True,
+        layers=(1,), loops=(2, 3), seeds=2, steps=6, batch_size=8, lr_multipliers=(1.0, 2.0), held_out=64,
+        loops_everywhere=True, more_loops_at=1, more_loops_modes=("parallel", "sequential_shared"),
         model=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
                    plt_window_size=[4, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE), workers=1),
-    # one H100: wider models and more steps, every R and both base depths (not run yet)
+    # one H100 (not run yet): the default's grid with every R at every depth-hungry point of both base depths,
+    # 3 learning rates, 1000 steps of 64 sequences, 4 training processes sharing the GPU
     "gpu": ReasoningPreset(
-        tasks=(TaskSetting("phop", (1, 2, 3), dict(alphabet=4, length=64)), TaskSetting("addition", (3, 5)),
-               TaskSetting("tracing", (2, 3))),
-        steps=3000, batch_size=128, model=dict(
-            hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
-            plt_window_size=[16, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE),
-        workers=1, threads=None, device="cuda"),
+        tasks=(TaskSetting("phop", (1, 2, 3), dict(alphabet=4, length=48)), TaskSetting("tracing", (1, 2)),
+               TaskSetting("addition", (3, 4))),
+        steps=1000, batch_size=64, lr_multipliers=(0.5, 1.0, 2.0), held_out=4000, workers=4, threads=2,
+        device="cuda"),
 }

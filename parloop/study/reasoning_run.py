@@ -73,7 +73,7 @@ def execute(job: Job, preset: ReasoningPreset, study: Path) -> dict[str, Any]:
         torch.set_num_threads(preset.threads)
     spec = run_spec(job, preset)
     task = make_task(spec.task, **spec.task_options)
-    model, figures = train_model(spec, task)
+    model, figures = train_model(spec, task, preset.device)
     evaluation = evaluate(model, held_out_set(task, preset.held_out, spec.difficulty, spec.filler, job.part))
     record = {"task": spec.task, "difficulty": spec.difficulty, "layers": job.point.layers, "point": job.point.name,
               "name": job.cell.name, "loops": spec.loops, "mode": spec.mode, "depth": job.cell.depth,

@@ -4,8 +4,9 @@
    compute-matched R = 1 of R = 2 and every mode at R = 2, each at every multiplier, with the sweep seed, scored on
    the validation half of the held-out set; every other model takes the choice of its swept counterpart;
 2. the depth check: R = 1 and R = 1 with 2 x L layers at every point and seed;
-3. at the depth-hungry points: every mode at every R, the compute-matched R = 1 of R = 3, 4, and the filler
-   models (points that do not need depth get none: the track cannot speak about loops there);
+3. at the depth-hungry points (of the base depths `loop_layers`): every mode at R = 2 and filler models; R = 3, 4
+   (in `more_loops_modes`, with their compute-matched R = 1 and filler models) at the `more_loops_at` points with
+   the largest depth gain; points that do not need depth get none: the track cannot speak about loops there;
 4. the report."""
 
 from __future__ import annotations
@@ -48,12 +49,23 @@ def compared_jobs(preset: ReasoningPreset, cells: list[ReasoningCell], at: list[
             for seed in range(preset.seeds)]
 
 
-def later_cells(preset: ReasoningPreset, hungry: bool) -> list[ReasoningCell]:
-    """The looped models and the deeper compute-matched ones, only where the task needs depth (everywhere with
-    `preset.loops_everywhere`, so that `--quick` runs every stage whatever its depth check says)."""
-    if not (hungry or preset.loops_everywhere):
-        return []
-    return loop_cells(preset.loops) + filler_cells(preset.loops, preset.filler_per_loop)
+def loop_points(preset: ReasoningPreset, depth: list[dict[str, Any]]) -> dict[Point, list[int]]:
+    """{point: the R to train there}: depth-hungry points (every point with `loops_everywhere`, so that `--quick`
+    runs every stage whatever its depth check says) at the base depths of `loop_layers`; R > 2 only at the
+    `more_loops_at` of them with the largest depth gain."""
+    groups = group(depth)
+    checks = {p: depth_hungry(groups.get(p.name, {})) for p in points(preset)}
+    chosen = [p for p, (hungry, _) in checks.items() if (hungry or preset.loops_everywhere)
+              and (preset.loop_layers is None or p.layers in preset.loop_layers)]
+    gain = {p: checks[p][1].mean if checks[p][1] is not None else float("-inf") for p in chosen}
+    ranked = sorted(chosen, key=lambda p: -gain[p])
+    more = set(ranked if preset.more_loops_at is None else ranked[:preset.more_loops_at])
+    return {p: sorted(preset.loops) if p in more else [2] for p in chosen}
+
+
+def later_cells(preset: ReasoningPreset, loops: list[int]) -> list[ReasoningCell]:
+    """The looped models at a point (and their deeper compute-matched ones), with filler tokens."""
+    return loop_cells(loops, more_modes=preset.more_loops_modes) + filler_cells(loops, preset.filler_per_loop)
 
 
 def run_track(preset: ReasoningPreset, study: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -63,9 +75,10 @@ def run_track(preset: ReasoningPreset, study: Path, settings: dict[str, Any]) ->
     chosen = choose_multipliers(sweep)
     grid = points(preset)
     depth = run_jobs(compared_jobs(preset, depth_cells(), grid, chosen), preset, study, "depth check")
-    hungry = {p.name: depth_hungry(cells)[0] for p in grid for cells in [group(depth).get(p.name, {})]}
-    print("depth-hungry points: " + (", ".join(n for n, h in hungry.items() if h) or "none"), file=sys.stderr)
-    later = [j for p in grid for j in compared_jobs(preset, later_cells(preset, hungry[p.name]), [p], chosen)]
+    where = loop_points(preset, depth)
+    print("loop models at: " + (", ".join(f"{p.name} (R = {', '.join(map(str, rs))})" for p, rs in where.items())
+                                or "no point (none is depth-hungry)"), file=sys.stderr)
+    later = [j for p, rs in where.items() for j in compared_jobs(preset, later_cells(preset, rs), [p], chosen)]
     models = depth + run_jobs(later, preset, study, "loop models")
     settings = {**settings, "wall_seconds": time.perf_counter() - started}
     return write_reasoning_report(study, models, sweep, chosen, settings)

@@ -121,11 +121,12 @@ REASONING_PRESETS = {
         loops_everywhere=True, more_loops_at=1, more_loops_modes=("parallel", "sequential_shared"),
         model=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
                    plt_window_size=[4, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE), workers=1),
-    # one H100 (not run yet): the default's grid with every R at every depth-hungry point of both base depths,
-    # 3 learning rates, 1000 steps of 64 sequences, 4 training processes sharing the GPU
+    # one H100 (not run yet; sized by counting: about 200 runs of 400 steps, 6 processes sharing the GPU, at an
+    # assumed 20 ms per step for these launch-bound models): the default's tasks plus p = 3, 8 x the batch, loop
+    # models at both base depths, R = 3, 4 at the two points with the largest depth gain
     "gpu": ReasoningPreset(
-        tasks=(TaskSetting("phop", (1, 2, 3), dict(alphabet=4, length=48)), TaskSetting("tracing", (1, 2)),
-               TaskSetting("addition", (3, 4))),
-        steps=1000, batch_size=64, lr_multipliers=(0.5, 1.0, 2.0), held_out=4000, workers=4, threads=2,
-        device="cuda"),
+        tasks=(TaskSetting("phop", (1, 2, 3), dict(alphabet=4, length=32)), TaskSetting("tracing", (1,)),
+               TaskSetting("addition", (2,))),
+        steps=400, batch_size=256, lr_multipliers=(1.0, 2.0), more_loops_at=2,
+        more_loops_modes=("parallel", "sequential_shared"), workers=6, threads=2, device="cuda"),
 }

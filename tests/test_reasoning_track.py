@@ -13,9 +13,11 @@ from parloop.study.reasoning_analysis import (
     choose_multipliers,
     depth_hungry,
     group,
+    loops_present,
     offset_and_filler,
     recommend,
     sweep_key,
+    variants,
     verdict,
 )
 from parloop.study.reasoning_grid import REASONING_PRESETS, filler_cells, loop_cells
@@ -101,3 +103,15 @@ def test_grid_trims_r_above_two_to_its_modes_and_one_compute_matched_model() -> 
                      "r1-x4layers", "parallel-r4", "sequential_shared-r4"]
     assert [c.name for c in filler_cells([2, 3, 4], 1)] == ["parallel-r2-fill1", "sequential_shared-r2-fill1",
                                                            "parallel-r4-fill3", "sequential_shared-r4-fill3"]
+
+
+def test_variants_are_compared_with_the_preset_settings_at_r2() -> None:
+    cells = _cells({"parallel-r2": [0.8, 0.82, 0.81], "sequential_shared-r2": [0.7, 0.7, 0.72],
+                    "parallel-r2-plain": [0.6, 0.63, 0.6], "sequential_shared-r2-plain": [0.7, 0.71, 0.7],
+                    "parallel-r2-fill1": [0.9, 0.9, 0.9], "parallel-r3": [0.5, 0.5, 0.5]})
+    rows = variants(cells)
+    assert set(rows) == {"parallel R = 2 plain - parallel R = 2", "sequential_shared R = 2 plain - "
+                         "sequential_shared R = 2", "offset cost with plain (sequential_shared - parallel)"}
+    assert rows["parallel R = 2 plain - parallel R = 2"].mean == pytest.approx(-0.2, abs=1e-9)
+    # a variant or filler model is not a loop count of its own
+    assert loops_present(cells) == [2, 3]

@@ -32,8 +32,8 @@ task needs depth before it says anything about loops: `reasoning_grid` (presets,
 `reasoning_analysis` (depth check, paired differences, offset cost, filler, recommendation), `reasoning_report`
 (report.md, results.json, accuracy_vs_difficulty.png), `reasoning_command` (the CLI).
 
-Modules of the bits-per-byte track: `grid` (presets, scales and the models to train), `plan` (the runs, what is done, the time estimate),
-`estimate` (timing and progress), `corpus` (the training mix), `sweep` (the learning-rate sweep), `run` (train and
-evaluate one model), `stats` (t-intervals), `analysis` (paired comparisons, offset cost, gap against scale),
-`recommend` (the rule), `plots` and `report` (figures, tables, report.md), `command` (the CLI).
+Modules of the bits-per-byte track: `grid` (presets, scales and the models to train), `plan` (the runs, what is
+done, the time estimate), `estimate` (timing and progress), `corpus` (the training mix), `sweep` (the learning-rate
+sweep), `run` (train and evaluate one model), `stats` (t-intervals), `analysis` (paired comparisons, offset cost,
+gap against scale), `recommend` (the rule), `plots` and `report` (figures, tables, report.md), `command` (the CLI).
 """

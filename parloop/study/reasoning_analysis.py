@@ -6,6 +6,7 @@ Every difference is "A minus B" in accuracy (positive: A more accurate), paired 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,7 +82,8 @@ def depth_hungry(cells: dict[str, dict[int, dict[str, Any]]]) -> tuple[bool, Int
 
 
 def loops_present(cells: dict[str, dict[int, dict[str, Any]]], mode: str = "parallel") -> list[int]:
-    return sorted({int(n.split("-r")[1]) for n in cells if n.startswith(f"{mode}-r") and "fill" not in n})
+    """The R of the plain `mode` models at a point (no filler, no variant)."""
+    return sorted(int(m.group(1)) for n in cells if (m := re.fullmatch(rf"{mode}-r(\d+)", n)))
 
 
 def recommend(cells: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -121,6 +123,18 @@ def loop_counts(cells: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Interv
         for r in loops_present(cells, mode):
             if r > 2:
                 out[f"{mode} R = {r} - R = 2"] = difference(cells, f"{mode}-r{r}", f"{mode}-r2")
+    return out
+
+
+def variants(cells: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Interval | None]:
+    """Each loop-setting variant at R = 2 against the preset's settings (variant minus preset, per mode) and the
+    offset's cost under it (sequential_shared minus parallel)."""
+    out = {}
+    for name in sorted({n.split("parallel-r2-")[1] for n in cells if re.fullmatch(r"parallel-r2-(?!fill)\w+", n)}):
+        for mode in ("parallel", "sequential_shared"):
+            out[f"{mode} R = 2 {name} - {mode} R = 2"] = difference(cells, f"{mode}-r2-{name}", f"{mode}-r2")
+        out[f"offset cost with {name} (sequential_shared - parallel)"] = difference(
+            cells, f"sequential_shared-r2-{name}", f"parallel-r2-{name}")
     return out
 
 

@@ -36,18 +36,20 @@ class Point:
 @dataclass(frozen=True)
 class ReasoningCell:
     """One model of the grid at a point: R loops of `depth` x L layers in `mode`, with `filler` tokens between
-    question and answer."""
+    question and answer, and the loop settings of `variant` (a key of the preset's `variants`; "" = the preset's)."""
 
     loops: int
     mode: str = "parallel"
     depth: int = 1
     filler: int = 0
+    variant: str = ""
 
     @property
     def name(self) -> str:
         if self.loops == 1:
             return "r1" if self.depth == 1 else f"r1-x{self.depth}layers"
-        return f"{self.mode}-r{self.loops}" + (f"-fill{self.filler}" if self.filler else "")
+        return (f"{self.mode}-r{self.loops}" + (f"-fill{self.filler}" if self.filler else "")
+                + (f"-{self.variant}" if self.variant else ""))
 
 
 @dataclass
@@ -71,6 +73,9 @@ class ReasoningPreset:
     loop_layers: tuple[int, ...] | None = None
     more_loops_at: int | None = None
     more_loops_modes: tuple[str, ...] = STUDY_MODES
+    # loop settings compared at R = 2 (parallel and sequential_shared) where R > 2 is trained: name -> PLTConfig
+    # fields that replace the preset's (the released settings against plain ones, other window sizes)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=lambda: dict(
         hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
         plt_window_size=[16, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE))
@@ -102,6 +107,15 @@ def filler_cells(loops: Sequence[int], per_loop: int) -> list[ReasoningCell]:
             for mode in ("parallel", "sequential_shared")]
 
 
+PLAIN_LOOPS = dict(plt_normalize_per_loop=False, plt_emb_scale=None, plt_hidden_scale=None,
+                   plt_gate_use_hidden_states=False)  # the PLT paper's plain loop input: embedding + hidden state
+
+
+def variant_cells(variants: Sequence[str]) -> list[ReasoningCell]:
+    """`parallel` and `sequential_shared` at R = 2 with each variant's loop settings."""
+    return [ReasoningCell(2, mode, variant=v) for v in variants for mode in ("parallel", "sequential_shared")]
+
+
 def points(preset: ReasoningPreset) -> list[Point]:
     return [Point(t.name, d, layers) for t in preset.tasks for d in t.difficulties for layers in preset.layers]
 
@@ -113,12 +127,14 @@ REASONING_PRESETS = {
         tasks=(TaskSetting("phop", (1, 2), dict(alphabet=4, length=32)), TaskSetting("tracing", (1,)),
                TaskSetting("addition", (2,))),
         steps=500, lr_multipliers=(1.0, 2.0), loop_layers=(1,), more_loops_at=1,
-        more_loops_modes=("parallel", "sequential_shared")),
+        more_loops_modes=("parallel", "sequential_shared"),
+        variants={"plain": PLAIN_LOOPS, "w4": dict(plt_window_size=[4, 0]), "w32": dict(plt_window_size=[32, 0])}),
     # the whole pipeline in about a minute: tiny models, a few steps, 2 seeds, every stage
     "quick": ReasoningPreset(
         tasks=(TaskSetting("phop", (1,), dict(alphabet=4, length=24)), TaskSetting("tracing", (1,))),
         layers=(1,), loops=(2, 3), seeds=2, steps=6, batch_size=8, lr_multipliers=(1.0, 2.0), held_out=64,
         loops_everywhere=True, more_loops_at=1, more_loops_modes=("parallel", "sequential_shared"),
+        variants={"plain": PLAIN_LOOPS},
         model=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
                    plt_window_size=[4, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE), workers=1),
     # one H100 (not run yet; sized by counting: about 200 runs of 400 steps, 6 processes sharing the GPU, at an
@@ -128,5 +144,7 @@ REASONING_PRESETS = {
         tasks=(TaskSetting("phop", (1, 2, 3), dict(alphabet=4, length=32)), TaskSetting("tracing", (1,)),
                TaskSetting("addition", (2,))),
         steps=400, batch_size=256, lr_multipliers=(1.0, 2.0), more_loops_at=2,
-        more_loops_modes=("parallel", "sequential_shared"), workers=6, threads=2, device="cuda"),
+        more_loops_modes=("parallel", "sequential_shared"),
+        variants={"plain": PLAIN_LOOPS, "w4": dict(plt_window_size=[4, 0]), "w32": dict(plt_window_size=[32, 0])},
+        workers=6, threads=2, device="cuda"),
 }

@@ -19,6 +19,7 @@ from parloop.study.reasoning_analysis import (
     loop_counts,
     offset_and_filler,
     recommend,
+    variants,
     verdict,
 )
 from parloop.study.stats import Interval
@@ -84,6 +85,7 @@ def analyse(groups: Groups) -> dict[str, Any]:
     return {"depth": depth, "hungry": hungry, "recommendations": recs, "verdict": verdict(recs),
             "offset": {f"{p} R = {r}": c for p in groups for r, c in offset_and_filler(groups[p]).items()},
             "loop_counts": {p: loop_counts(groups[p]) for p in groups},
+            "variants": {p: variants(groups[p]) for p in groups},
             "diagnostics": {f"{p} {n}": averaged_diagnostics(s) for p in groups for n, s in groups[p].items()
                             if next(iter(s.values()))["loops"] > 1}}
 
@@ -96,14 +98,16 @@ def _report_lines(groups: Groups, a: dict[str, Any], chosen: dict[str, Any], set
              "instances; differences are A minus B in accuracy, paired by seed, with 95 % intervals.", "",
              "## Depth check (R = 1 with 2 x L layers minus R = 1)", "", "| point | difference | depth-hungry |",
              "|---|---|---|"]
-    lines += [f"| {p} | {d} | {'yes' if h else 'no: the track cannot speak about loops here'} |"
-              for p, (h, d) in a["depth"].items()]
+    lines += [f"| {p} | {d if d is not None else '— (a model is missing)'} | "
+              f"{'yes' if h else 'no: the track cannot speak about loops here'} |" for p, (h, d) in a["depth"].items()]
     lines += ["", "## Accuracy (mean ± 95 % half-width over seeds)", "", *accuracy_table(groups), "",
               "![accuracy against difficulty](accuracy_vs_difficulty.png)", "", "## Recommendation per depth-hungry "
               "point", ""]
     lines += [f"- {p}: R = {r['loops']} ({r['reason']})" for p, r in a["recommendations"].items()] or ["- none"]
     lines += ["", "## Offset cost and filler tokens", "", *_interval_rows("point", a["offset"]), "",
               "## R = 2 against R = 3 and 4", "", *_interval_rows("point", a["loop_counts"]), "",
+              "## Loop settings at R = 2 (plain: no per-loop norm, emb and hidden scale 1, query-read gate; wN: "
+              "window N)", "", *_interval_rows("point", a["variants"]), "",
               "## Per-loop diagnostics (means over seeds)", "",
               "| model | accuracy after each loop | gate (global branch) | relative update |", "|---|---|---|---|"]
     fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs) if xs else "—"  # noqa: E731

@@ -51,7 +51,8 @@ def run_spec(job: Job, preset: ReasoningPreset) -> ReasoningRun:
                         layers=job.point.layers * job.cell.depth, loops=job.cell.loops, mode=job.cell.mode,
                         seed=job.seed, lr=preset.lr * job.lr_multiplier, steps=preset.steps,
                         batch_size=preset.batch_size, filler=job.cell.filler, curriculum=preset.curriculum,
-                        model=dict(preset.model), task_options=dict(options))
+                        model={**preset.model, **preset.variants.get(job.cell.variant, {})},
+                        task_options=dict(options))
 
 
 def _settings(job: Job, preset: ReasoningPreset) -> dict[str, Any]:

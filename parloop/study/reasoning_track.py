@@ -6,7 +6,9 @@
 2. the depth check: R = 1 and R = 1 with 2 x L layers at every point and seed;
 3. at the depth-hungry points (of the base depths `loop_layers`): every mode at R = 2 and filler models; R = 3, 4
    (in `more_loops_modes`, with their compute-matched R = 1 and filler models) at the `more_loops_at` points with
-   the largest depth gain; points that do not need depth get none: the track cannot speak about loops there;
+   the largest depth gain, where also `parallel` and `sequential_shared` R = 2 train with each of the preset's
+   `variants` of the loop settings; points that do not need depth get none: the track cannot speak about loops
+   there;
 4. the report."""
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from parloop.study.reasoning_grid import (
     filler_cells,
     loop_cells,
     points,
+    variant_cells,
 )
 from parloop.study.reasoning_report import write_reasoning_report
 from parloop.study.reasoning_run import Job, run_jobs
@@ -64,8 +67,10 @@ def loop_points(preset: ReasoningPreset, depth: list[dict[str, Any]]) -> dict[Po
 
 
 def later_cells(preset: ReasoningPreset, loops: list[int]) -> list[ReasoningCell]:
-    """The looped models at a point (and their deeper compute-matched ones), with filler tokens."""
-    return loop_cells(loops, more_modes=preset.more_loops_modes) + filler_cells(loops, preset.filler_per_loop)
+    """The looped models at a point (and their deeper compute-matched ones), with filler tokens, and where R > 2 is
+    trained the loop-setting variants at R = 2."""
+    cells = loop_cells(loops, more_modes=preset.more_loops_modes) + filler_cells(loops, preset.filler_per_loop)
+    return cells + (variant_cells(list(preset.variants)) if max(loops) > 2 else [])
 
 
 def run_track(preset: ReasoningPreset, study: Path, settings: dict[str, Any]) -> dict[str, Any]:

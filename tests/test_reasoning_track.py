@@ -115,3 +115,10 @@ def test_variants_are_compared_with_the_preset_settings_at_r2() -> None:
     assert rows["parallel R = 2 plain - parallel R = 2"].mean == pytest.approx(-0.2, abs=1e-9)
     # a variant or filler model is not a loop count of its own
     assert loops_present(cells) == [2, 3]
+
+
+def test_bits_per_byte_options_are_refused_not_ignored(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for extra in (["--estimate"], ["--set", "train.lr=1e-3"], ["--modes", "parallel"]):
+        assert main(["study", "--track", "reasoning", "--quick", "--out", str(tmp_path), *extra]) == 2
+        assert f"{extra[0]} belong(s) to the bits-per-byte track" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()

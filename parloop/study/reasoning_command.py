@@ -1,5 +1,7 @@
 """`parloop study --track reasoning`: the reasoning track from the command line (docs/study.md, "The reasoning
-track"). The options it reads: --out, --preset/--quick, --seeds, --loops, --threads, --workers, --device."""
+track"). The options it reads: --out, --preset/--quick, --seeds, --loops, --threads, --workers, --no-lr-sweep,
+--device;
+the bits-per-byte track's other options are refused."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 from parloop.study.estimate import format_duration
+from parloop.study.grid import STUDY_MODES
 from parloop.study.reasoning_grid import REASONING_PRESETS, ReasoningPreset
 from parloop.study.reasoning_track import run_track, scaled
 
@@ -22,7 +25,23 @@ def reasoning_preset(args: argparse.Namespace) -> ReasoningPreset:
     loops = getattr(args, "loops", None)
     loops = tuple(sorted({r for r in loops if r > 1})) if loops else None
     return scaled(preset, seeds=getattr(args, "seeds", None), loops=loops, threads=getattr(args, "threads", None),
-                  workers=args.workers, lr_multipliers=None if args.lr_sweep else (1.0,))
+                  workers=args.workers, lr_multipliers=None if args.lr_sweep else (1.0,),
+                  device=None if args.device == "auto" else args.device)
+
+
+# options of the bits-per-byte track that the reasoning track has no use for: refused, never silently ignored
+BPB_ONLY = {"estimate": "--estimate", "scales": "--scales", "data": "--data", "overrides": "--set",
+            "eval_bytes": "--eval-bytes", "programs": "--programs", "lines": "--lines", "humaneval": "--humaneval"}
+
+
+def unsupported(args: argparse.Namespace) -> list[str]:
+    """The bits-per-byte-only options given on this command line."""
+    given = [flag for key, flag in BPB_ONLY.items() if getattr(args, key, None) not in (None, False, [])]
+    if not args.compute_matched:
+        given.append("--no-compute-matched")
+    if sorted(args.modes) != sorted(STUDY_MODES):
+        given.append("--modes")
+    return given
 
 
 def _problem(preset: ReasoningPreset) -> str | None:
@@ -36,6 +55,11 @@ def _problem(preset: ReasoningPreset) -> str | None:
 
 
 def run_reasoning(args: argparse.Namespace) -> int:
+    if given := unsupported(args):
+        print(f"parloop study --track reasoning: error: {', '.join(given)} belong(s) to the bits-per-byte track; the "
+              "reasoning track's grid and sizes come from its preset (docs/study.md, 'The reasoning track')",
+              file=sys.stderr)
+        return 2
     preset = reasoning_preset(args)
     if problem := _problem(preset):
         print(f"parloop study --track reasoning: error: {problem}", file=sys.stderr)

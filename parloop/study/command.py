@@ -17,6 +17,7 @@ from parloop.study.estimate import Progress, format_duration
 from parloop.study.grid import PRESETS, STUDY_MODES, Preset, pick_scales
 from parloop.study.plan import Plan, estimate_times, make_plan
 from parloop.study.reasoning_command import run_reasoning
+from parloop.study.reasoning_grid import REASONING_PRESETS
 from parloop.study.report import write_report
 from parloop.study.run import recipe_for, run_model
 from parloop.study.sweep import choose_learning_rates, edge_warning, sweep_dir
@@ -39,9 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "check before any verdict (docs/study.md, 'The reasoning track')")
     parser.add_argument("--workers", type=int, default=None,
                         help="reasoning track: training processes at once (default: the preset's; 2 on a CPU)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=unset,
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(REASONING_PRESETS)), default=unset,
                         help="default: CPU, about 2 h on 2 cores; quick: a smoke test in minutes; gpu: one H100, "
-                        "tens of millions of parameters on the site-packages corpus, bf16, compiled, < 30 min")
+                        "tens of millions of parameters on the site-packages corpus, bf16, compiled, < 30 min; "
+                        "--track reasoning also has hard, a longer run at its hardest p-hop point")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick: for tests and smoke "
                         "checks, not for conclusions")
     parser.add_argument("--loops", type=int, nargs="+", default=unset,
@@ -140,6 +142,9 @@ def _train_and_evaluate(args: argparse.Namespace, study: Path, preset: Preset, p
 def run(args: argparse.Namespace) -> int:
     if args.track == "reasoning":
         return run_reasoning(args)
+    if getattr(args, "preset", "default") not in PRESETS:
+        print(f"parloop study: error: --preset {args.preset} belongs to --track reasoning", file=sys.stderr)
+        return 2
     preset = _preset(args)
     problem = _check(preset)
     try:

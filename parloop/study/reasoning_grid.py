@@ -129,6 +129,11 @@ REASONING_PRESETS = {
         steps=500, lr_multipliers=(1.0, 2.0), loop_layers=(1,), more_loops_at=1,
         more_loops_modes=("parallel", "sequential_shared"),
         variants={"plain": PLAIN_LOOPS, "w4": dict(plt_window_size=[4, 0]), "w32": dict(plt_window_size=[32, 0])}),
+    # a follow-up to the default (docs/study.md, Results): its hardest p-hop point at twice the steps and twice the
+    # length, base depth 1, R = 2, at the learning rate the default's sweep chose for every p-hop model (x2)
+    "hard": ReasoningPreset(
+        tasks=(TaskSetting("phop", (2,), dict(alphabet=4, length=64)),), layers=(1,), loops=(2,), steps=1000,
+        lr=6e-3, lr_multipliers=(1.0,)),
     # the whole pipeline in about a minute: tiny models, a few steps, 2 seeds, every stage
     "quick": ReasoningPreset(
         tasks=(TaskSetting("phop", (1,), dict(alphabet=4, length=24)), TaskSetting("tracing", (1,))),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -50,24 +51,33 @@ def accuracy_table(groups: Groups) -> list[str]:
 
 
 def plot_accuracy(path: Path, groups: Groups) -> None:
-    """Accuracy against difficulty, one panel per (task, L), a line per model, 95 % intervals as error bars."""
-    panels = sorted({(p.split("-")[0], p.split("/")[1]) for p in groups})
-    fig = Figure(figsize=(5 * len(panels), 4))
+    """Accuracy against difficulty, a panel per task (rows) and base depth L (columns), a line per model with 95 %
+    intervals as error bars; one legend, from the panel with the most models."""
+    tasks = sorted({p.split("-")[0] for p in groups})
+    depths = sorted({p.split("/")[1] for p in groups}, key=lambda x: int(x[1:]))
+    fig = Figure(figsize=(4.5 * len(depths) + 2.5, 3.2 * len(tasks)))
     FigureCanvasAgg(fig)
-    for ax, (task, layers) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+    axes = fig.subplots(len(tasks), len(depths), squeeze=False)
+    crowded = (0, 0, -1)
+    for (row, task), (col, layers) in product(enumerate(tasks), enumerate(depths)):
+        ax = axes[row][col]
         pts = sorted((int(p.split("-")[1].split("/")[0]), p) for p in groups
                      if p.startswith(task + "-") and p.endswith("/" + layers))
+        lines = 0
         for name in _cell_order(groups):
             xs = [(d, accuracy(groups[p], name)) for d, p in pts if name in groups[p]]
-            if not xs:
-                continue
-            mode = next((m for m in _STYLE if name.startswith(m)), None)
-            ax.errorbar([d for d, _ in xs], [i.mean for _, i in xs],
-                        yerr=[0 if i.n < 2 else i.half_width for _, i in xs], capsize=3, marker="o",
-                        linestyle=_STYLE.get(mode, "-"), label=name)
+            if xs:
+                mode = next((m for m in _STYLE if name.startswith(m)), None)
+                ax.errorbar([d for d, _ in xs], [i.mean for _, i in xs],
+                            yerr=[0 if i.n < 2 else i.half_width for _, i in xs], capsize=3, marker="o",
+                            linestyle=_STYLE.get(mode, "-"), label=name)
+                lines += 1
+        crowded = max(crowded, (row, col, lines), key=lambda c: c[2])
         ax.set(title=f"{task}, {layers}", xlabel="difficulty", ylabel="held-out accuracy", ylim=(0, 1.02))
-    fig.axes[-1].legend(fontsize=6)
-    fig.tight_layout()
+        ax.set_xticks([d for d, _ in pts])
+    handles, labels = axes[crowded[0]][crowded[1]].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    fig.legend(handles, labels, fontsize=7, loc="center right")
     fig.savefig(path, dpi=110)
 
 

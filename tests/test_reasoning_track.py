@@ -122,3 +122,8 @@ def test_bits_per_byte_options_are_refused_not_ignored(tmp_path: Path, capsys: p
         assert main(["study", "--track", "reasoning", "--quick", "--out", str(tmp_path), *extra]) == 2
         assert f"{extra[0]} belong(s) to the bits-per-byte track" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_reasoning_preset_is_refused_by_the_bpb_track(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["study", "--preset", "hard", "--out", str(tmp_path)]) == 2
+    assert "--preset hard belongs to --track reasoning" in capsys.readouterr().err

@@ -142,9 +142,10 @@ REASONING_PRESETS = {
         variants={"plain": PLAIN_LOOPS},
         model=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
                    plt_window_size=[4, 0], tie_word_embeddings=True, **RELEASED_ARCHITECTURE), workers=1),
-    # one H100 (not run yet; sized by counting: about 200 runs of 400 steps, 6 processes sharing the GPU, at an
-    # assumed 20 ms per step for these launch-bound models): the default's tasks plus p = 3, 8 x the batch, loop
-    # models at both base depths, R = 3, 4 at the two points with the largest depth gain
+    # one H100 (not run yet; sized by counting: 140 to 320 runs of 400 steps, 6 processes sharing the GPU, at an
+    # assumed 20 ms per step for these launch-bound models, 4 to 9 minutes; docs/study.md): the default's tasks
+    # plus p = 3, 8 x the batch, loop models at both base depths, R = 3, 4 at the two points with the largest
+    # depth gain
     "gpu": ReasoningPreset(
         tasks=(TaskSetting("phop", (1, 2, 3), dict(alphabet=4, length=32)), TaskSetting("tracing", (1,)),
                TaskSetting("addition", (2,))),

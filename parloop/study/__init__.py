@@ -25,8 +25,15 @@ Study directory:
 Resumable: a finished model is not retrained, an interrupted one continues from its latest checkpoint, and an
 evaluation made with the same settings is not repeated. Run the same command again to continue.
 
-Modules: `grid` (presets, scales and the models to train), `plan` (the runs, what is done, the time estimate),
-`estimate` (timing and progress), `corpus` (the training mix), `sweep` (the learning-rate sweep), `run` (train and
-evaluate one model), `stats` (t-intervals), `analysis` (paired comparisons, offset cost, gap against scale),
-`recommend` (the rule), `plots` and `report` (figures, tables, report.md), `command` (the CLI).
+The reasoning track (`parloop study --track reasoning`, docs/study.md "The reasoning track") trains the same kinds of
+models on the synthetic tasks of `parloop.reasoning` (p-hop induction, program tracing, addition) and checks that a
+task needs depth before it says anything about loops: `reasoning_grid` (presets, points, models),
+`reasoning_track` (the stages), `reasoning_run` (one job: train, evaluate, save; worker processes),
+`reasoning_analysis` (depth check, paired differences, offset cost, filler, recommendation), `reasoning_report`
+(report.md, results.json, accuracy_vs_difficulty.png), `reasoning_command` (the CLI).
+
+Modules of the bits-per-byte track: `grid` (presets, scales and the models to train), `plan` (the runs, what is
+done, the time estimate), `estimate` (timing and progress), `corpus` (the training mix), `sweep` (the learning-rate
+sweep), `run` (train and evaluate one model), `stats` (t-intervals), `analysis` (paired comparisons, offset cost,
+gap against scale), `recommend` (the rule), `plots` and `report` (figures, tables, report.md), `command` (the CLI).
 """

@@ -17,6 +17,8 @@ from parloop.study.estimate import Progress, format_duration
 from parloop.study.flops import plan_compute
 from parloop.study.grid import PRESETS, STUDY_MODES, Preset, pick_scales
 from parloop.study.plan import Plan, estimate_times, make_plan
+from parloop.study.reasoning_command import run_reasoning
+from parloop.study.reasoning_grid import REASONING_PRESETS
 from parloop.study.report import write_report
 from parloop.study.run import recipe_for, run_model
 from parloop.study.sweep import choose_learning_rates, edge_warning, sweep_dir
@@ -33,10 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "write report.md (means with 95 % intervals over seeds, a recommendation by a fixed rule), results.json "
         "and PNG plots to --out. Prints a time estimate first. Resumable: run the same command again to continue.")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=unset,
+    parser.add_argument("--track", choices=("bpb", "reasoning"), default="bpb",
+                        help="bpb: bits per byte of code models (the grid below); reasoning: depth-hungry synthetic "
+                        "tasks (p-hop induction, program tracing, addition) at several difficulties, with a depth "
+                        "check before any verdict (docs/study.md, 'The reasoning track')")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="reasoning track: training processes at once (default: the preset's; 2 on a CPU)")
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(REASONING_PRESETS)), default=unset,
                         help="default: CPU, about 2 h on 2 cores; quick: a smoke test in minutes; gpu: one H100, "
                         "about a minute: a check of the GPU path (9.6M parameters, 1.6M tokens a model, bf16; "
-                        "docs/gpu.md), not a result on loops")
+                        "docs/gpu.md), not a result on loops; --track reasoning also "
+                        "has hard, a longer run at its hardest p-hop point")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick: for tests and smoke "
                         "checks, not for conclusions")
     parser.add_argument("--loops", type=int, nargs="+", default=unset,
@@ -134,6 +143,11 @@ def _train_and_evaluate(args: argparse.Namespace, study: Path, preset: Preset, p
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.track == "reasoning":
+        return run_reasoning(args)
+    if args.preset is not None and args.preset not in PRESETS:
+        print(f"parloop study: error: --preset {args.preset} belongs to --track reasoning", file=sys.stderr)
+        return 2
     preset = _preset(args)
     problem = _check(preset)
     try:

@@ -4,7 +4,6 @@ the study's FLOP count."""
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -21,9 +20,8 @@ from conftest import tiny_config
 from parloop.gpucheck.acceptance import acceptance, verdict
 from parloop.gpucheck.bench import DRY_RUN, GPU, REFERENCE, Point, measure_points, points
 from parloop.gpucheck.command import tests_from_log as count_from_log
-from parloop.gpucheck.parts import ROOT, cap_log, run_command
+from parloop.gpucheck.parts import PARTS, ROOT, Options, cap_log, run_command
 from parloop.model import PLTForCausalLM
-from parloop.study.command import add_arguments as add_study_arguments
 from parloop.study.flops import flops_per_token
 
 # import names of the GPU image's packages that parloop uses (/work/.library/device/KINDS.md lists the image)
@@ -96,9 +94,7 @@ def test_the_dry_run_goes_through_every_part_without_the_absent_packages(tmp_pat
     assert compute["tokens_match"] and compute["models_trained"] == compute["runs"] > 0
     assert (out / "study-report.md").is_file()
 
-    study = argparse.ArgumentParser()
-    add_study_arguments(study)
-    assert parts["reasoning"]["status"] == ("ok" if "--track" in study.format_help() else "not available")
+    assert parts["reasoning"]["status"] == "ok"
     assert "| bench | ok |" in (out / "gpu-check.md").read_text()
 
 
@@ -185,3 +181,11 @@ def test_flops_per_token_count_the_layers_once_per_loop_and_the_head_once(loops:
     expected = 6 * (layer_weights * loops + config.vocab_size * config.hidden_size) + 6 * attention
     assert flops_per_token(config, seq_len) == pytest.approx(expected)
     assert torch.get_default_device().type == "cpu"  # counting on the meta device left the default alone
+
+
+def test_the_reasoning_part_checks_one_seed_unless_asked_for_the_whole_preset(tmp_path: Path) -> None:
+    part = PARTS["reasoning"]
+    quick, full = Options(), Options(reasoning_full=True)
+    assert part.argv(tmp_path, 40, quick)[-3:] == ["--seeds", "1", "--no-lr-sweep"]
+    assert "--seeds" not in part.argv(tmp_path, 480, full) and "--no-lr-sweep" not in part.argv(tmp_path, 480, full)
+    assert part.share(quick) == part.share_s < part.share(full) == 480

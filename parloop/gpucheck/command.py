@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from parloop.gpucheck.acceptance import acceptance
-from parloop.gpucheck.parts import DRY_RUN_SHARES, PARTS, Options, Part, run_command, study_has_track
+from parloop.gpucheck.parts import DRY_RUN_SHARES, PARTS, Options, Part, run_command
 from parloop.gpucheck.summary import markdown
 
-NOT_AVAILABLE = "this build's `parloop study --help` lists no --track (the reasoning track, issue 21)"
 # what a part leaves in the scratch directory for the report: removed before it runs, so that a part stopped early
 # is never reported with an earlier call's results (the study runs themselves stay, to be continued)
 RESULT_FILES = {"tests": ("tests.xml",), "bench": ("bench.json",), "study": ("study.json", "study/report.md"),
@@ -85,7 +84,7 @@ def part_result(name: str, work: Path, out: Path) -> dict[str, Any] | None:
 
 
 def run_part(part: Part, work: Path, out: Path, options: Options) -> dict[str, Any]:
-    share = DRY_RUN_SHARES[part.name] if options.dry_run else part.share_s
+    share = DRY_RUN_SHARES[part.name] if options.dry_run else part.share(options)
     entry: dict[str, Any] = dict(status="skipped", estimate_s=part.estimate_s, share_s=share)
     missing = part.missing_modules()
     if missing:
@@ -93,15 +92,12 @@ def run_part(part: Part, work: Path, out: Path, options: Options) -> dict[str, A
                 "--prepare` where a package registry is reachable and carry .whl (docs/gpu.md, 'What the check "
                 "imports')"}
     started = time.perf_counter()
-    if part.name == "reasoning" and not study_has_track():
-        return {**entry, "status": "not available", "reason": NOT_AVAILABLE,
-                "seconds": round(time.perf_counter() - started, 1)}
     for name in RESULT_FILES[part.name]:
         (work / name).unlink(missing_ok=True)
     print(f"== {part.name}: estimate {part.estimate_s:.0f} s on an H100, stopped after {share:.0f} s", flush=True)
     status, _, code = run_command(part.argv(work, share, options), out / f"{part.name}.log",
                                   share - (time.perf_counter() - started))
-    seconds = time.perf_counter() - started  # with the --track check of the reasoning part
+    seconds = time.perf_counter() - started
     entry.update(status=status, seconds=round(seconds, 1), exit_code=code,
                  result=part_result(part.name, work, out))
     print(f"   {part.name}: {status} in {seconds:.0f} s (log: {out / (part.name + '.log')})", flush=True)
@@ -127,6 +123,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "first had no time for")
     parser.add_argument("--bench-presets", nargs="+", choices=["1b", "100m"], default=None, metavar="PRESET",
                         help="presets of the decode bench (default 1b 100m)")
+    parser.add_argument("--reasoning-full", action="store_true",
+                        help="the reasoning part runs the whole GPU preset (3 seeds, learning-rate sweep; sized at 4-9 "
+                        "min, stopped after 8) instead of its one-seed check that fits the 6-minute run: a call of its "
+                        "own, e.g. `--part reasoning --reasoning-full` (docs/gpu.md)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "parloop-gpu-check",
                         help="scratch directory for the parts' own outputs (study runs, result files): a second "
                         "call with the same one continues a stopped study where it stopped")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parts = [p for name, p in PARTS.items() if name in args.part or "all" in args.part]
     options = Options(args.dry_run, tuple(args.bench_batches) if args.bench_batches else None,
-                      tuple(args.bench_presets) if args.bench_presets else None)
+                      tuple(args.bench_presets) if args.bench_presets else None, args.reasoning_full)
     args.outdir.mkdir(parents=True, exist_ok=True)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -154,5 +154,5 @@ def main(argv: list[str] | None = None) -> int:
         report["parts"][part.name] = run_part(part, work, args.outdir, options)
         _write(args.outdir, report)
     print(_write(args.outdir, report))
-    failed = [n for n, p in report["parts"].items() if p["status"] not in ("ok", "not available")]
+    failed = [n for n, p in report["parts"].items() if p["status"] != "ok"]
     return 1 if failed else 0

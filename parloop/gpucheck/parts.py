@@ -30,6 +30,7 @@ class Options:
     dry_run: bool = False
     bench_batches: tuple[int, ...] | None = None  # None: the bench's own (1 and 16)
     bench_presets: tuple[str, ...] | None = None  # None: the bench's own (1b and 100m)
+    reasoning_full: bool = False  # the reasoning track's whole GPU preset, not its one-seed check
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class Part:
     share_s: float
     modules: tuple[str, ...]
     argv: Callable[[Path, float, Options], list[str]]  # (work dir, share, options) -> the command
+
+    def share(self, options: Options) -> float:
+        return REASONING_FULL_SHARE_S if self.name == "reasoning" and options.reasoning_full else self.share_s
 
     def missing_modules(self) -> list[str]:
         return [m for m in self.modules if importlib.util.find_spec(m) is None]
@@ -70,8 +74,11 @@ def _study(work: Path, share: float, options: Options) -> list[str]:
 
 
 def _reasoning(work: Path, share: float, options: Options) -> list[str]:
-    return [sys.executable, "-m", "parloop.cli", "study", "--track", "reasoning", "--preset",
+    argv = [sys.executable, "-m", "parloop.cli", "study", "--track", "reasoning", "--preset",
             "quick" if options.dry_run else "gpu", "--out", str(work / "reasoning")]
+    # the whole GPU preset (sized at 4-9 min) cannot fit the 6-minute check: inside it, one seed and no sweep show
+    # that the track's GPU path trains and evaluates; the preset's results need a call of their own (--reasoning-full)
+    return argv if options.reasoning_full else argv + ["--seeds", "1", "--no-lr-sweep"]
 
 
 # Shares add up to 350 s: with the check's own start and the writing of its results, the whole check stays under
@@ -82,6 +89,7 @@ PARTS = {
     "study": Part("study", 70, 80, STUDY_MODULES, _study),
     "reasoning": Part("reasoning", 35, 40, STUDY_MODULES, _reasoning),
 }
+REASONING_FULL_SHARE_S = 480  # the reasoning track's GPU preset must finish within 8 minutes on one H100
 # shares of the CPU dry run (tiny shapes; a loaded 2-core machine)
 DRY_RUN_SHARES = {"tests": 120, "bench": 120, "study": 240, "reasoning": 240}
 
@@ -137,8 +145,3 @@ def run_command(argv: Sequence[str], log: Path, share_s: float) -> tuple[str, fl
     return status, time.perf_counter() - started, code
 
 
-def study_has_track() -> bool:
-    """Does `parloop study --help` list `--track` (the reasoning track, issue 21) in this build?"""
-    help_text = subprocess.run([sys.executable, "-m", "parloop.cli", "study", "--help"], capture_output=True,
-                               text=True, cwd=ROOT, env=child_env(), timeout=60).stdout
-    return "--track" in help_text

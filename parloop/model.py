@@ -31,6 +31,7 @@ from parloop.cache import ForwardKV, KVStore, PLTCache, Step
 from parloop.checkpoint import load_strict
 from parloop.config import PLTConfig
 from parloop.kernels import compile_step
+from parloop.quant import install_quantized_layers
 
 # Keyword arguments that transformers may pass and that change nothing here: parloop tracks cache slots itself,
 # and the loss takes its own keyword arguments.
@@ -427,6 +428,8 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = PLTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.parloop_quantization is not None:  # a quantized checkpoint: its layers' buffers come from the files
+            install_quantized_layers(self, config.parloop_quantization)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:

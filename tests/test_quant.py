@@ -5,6 +5,7 @@ mode decodes from its cache as from the full forward, and what cannot work is re
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,14 @@ from test_model import MODES, left_padded_batch, prefill_then_decode
 from transformers import AutoModelForCausalLM
 
 from parloop import CheckpointError, PLTCache
+from parloop.bench.options import BenchOptions
 from parloop.bench.preset7b import DONE_FILE, RELEASED_7B, checkpoint_for
+from parloop.bench.run7b import format_7b_table, run_7b
 from parloop.cli import main
 from parloop.config import ConfigError
 from parloop.quant import QuantizationError, QuantLinear, quantize_int4, quantize_int8, quantize_model
 from parloop.quant_checkpoint import quantize_checkpoint
+from parloop.threads import set_threads
 
 # int4 needs group-divisible inputs and output sizes divisible by 16: hidden 32, intermediate 64, vocab 64
 SHAPE = dict(intermediate_size=64, vocab_size=64)
@@ -206,3 +210,35 @@ def test_float_tensors_under_a_quantized_config_are_refused(tmp_path: Path) -> N
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="up_proj.weight is F32"):
         AutoModelForCausalLM.from_pretrained(target)
+
+
+def test_bench_7b_path_on_a_tiny_shape(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    shape = dict(RELEASED_7B, vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    options = BenchOptions(preset="7b", loops=[1, 2], modes=["parallel"], context=8, warmup=1, new_tokens=3,
+                           threads=1, bandwidth_mb=8)
+    result = run_7b(options, ["bf16", "int8"], tmp_path, progress=False, shape=shape)
+    bf16, int8 = result["formats"]
+    assert [(r["weights"], r["loops"]) for r in bf16["rows"] + int8["rows"]] == [
+        ("bf16", 1), ("bf16", 2), ("int8", 1), ("int8", 2)]
+    assert int8["checkpoint_bytes"] == sum(p.stat().st_size for p in (tmp_path / "int8").glob("*.safetensors"))
+    assert int8["checkpoint_bytes"] < 0.6 * bf16["checkpoint_bytes"]
+    for row in int8["rows"]:  # ratios are the rows' own times divided
+        bf16_row = next(r for r in bf16["rows"] if r["loops"] == row["loops"])
+        assert row["ratio_to_bf16"] == pytest.approx(row["decode_ms_per_token"] / bf16_row["decode_ms_per_token"],
+                                                     rel=1e-3)
+        assert row["bytes_per_step"] < bf16_row["bytes_per_step"]
+    assert "int8    parallel" in format_7b_table(result)
+    assert main(["bench", "--preset", "100m", "--weights", "int8"]) == 2
+    assert "--weights applies to --preset 7b" in capsys.readouterr().err
+
+
+def test_threads_default_to_idle_cores_and_say_so(capsys: pytest.CaptureFixture) -> None:
+    try:
+        assert set_threads(3, "bench") == 3 and torch.get_num_threads() == 3
+        assert "3 CPU threads (--threads)" in capsys.readouterr().err
+        chosen = set_threads(None, "generate")
+        assert 1 <= chosen <= (os.cpu_count() or 1) and torch.get_num_threads() == chosen
+        assert "idle" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(1)

@@ -164,5 +164,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"parloop quantize: error: {err}", file=sys.stderr)
         return 2
     total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-    print(f"wrote {out} ({args.weights}, {total / 1e9:.2f} GB of weights)")
+    print(f"wrote {out} ({args.weights}, {total / 1e6:,.1f} MB of weights)")
     return 0

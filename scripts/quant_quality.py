@@ -7,7 +7,9 @@ model (docs/cpu.md reports a run). Usage, after `parloop data build --out DATA -
 Bits per byte are paired per test file: the difference to the float model is sum(bits_q - bits_f) / sum(bytes),
 with a 95 % interval from the spread of the per-file differences (normal approximation). Greedy agreement: 8 test
 files' first 64 tokens as prompts, 32 greedy tokens each from the float and the quantized model; the share of the
-256 positions where both chose the same token, and of the tokens before the first disagreement.
+256 positions where both chose the same token, and of the tokens before the first disagreement. Each is against
+the float32 model and against the float weights with bf16 activations (what the quantized models compute in), so
+that the weights' share of a difference can be told from the activations'.
 """
 
 from __future__ import annotations
@@ -72,10 +74,10 @@ def main() -> None:
         scores[name] = bits_per_byte(model, tokenizer, texts, desc=name)
         continuations[name] = greedy(model, prompts)
         results[name] = dict(test_bpb=scores[name].bits_per_byte, bytes=scores[name].bytes)
-        if name != "float32":
-            diff, half = paired_difference(scores["float32"], scores[name])
-            results[name].update(bpb_minus_float32=diff, ci95=half,
-                                 **agreement(continuations["float32"], continuations[name]))
+        for base in ("float32", "bf16")[:list(variants).index(name)]:
+            diff, half = paired_difference(scores[base], scores[name])
+            results[name][f"against_{base}"] = dict(bpb_difference=diff, ci95=half,
+                                                     **agreement(continuations[base], continuations[name]))
         print(name, json.dumps(results[name]), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -58,8 +58,6 @@ def check_quantized_dtypes(directory: Path) -> None:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (a safetensors handle is no dict)
                 module, _, kind = name.rpartition(".")
-                if kind == "weight_scale_zeros" or kind == "weight_scale":
-                    module, kind = name[:name.rindex(".weight")], name[name.rindex(".weight") + 1:]
                 layer = module.rsplit(".", 1)[-1]
                 if (layer in LAYER_LINEARS or module == HEAD) and kind in expected:
                     dtype = f.get_slice(name).get_dtype()

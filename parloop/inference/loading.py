@@ -49,7 +49,8 @@ def _check_quantized_load(model_dir: Path, device: str, dtype: str, weights: str
 def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto",
                weights: str | None = None) -> tuple[Any, Any]:
     """Load `(model, tokenizer)` from a model directory, the model in eval mode on `device`; with `weights`
-    (int8, int4) a float checkpoint is quantized on load, as `parloop quantize` would write it."""
+    (int8, int4) a float checkpoint is quantized on load (with dtype "auto", from the checkpoint's own dtype, as
+    `parloop quantize` quantizes it)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json); pass the directory that "

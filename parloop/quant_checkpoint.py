@@ -149,9 +149,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "linear products and the output head are quantized; the result computes in bfloat16 on a "
                      "CPU and loads with AutoModelForCausalLM.from_pretrained after `import parloop`, or with "
                      "parloop generate/serve/eval --model OUT.")
-    parser.add_argument("--model", required=True, type=Path, help="float checkpoint directory (LoopCoder-V2)")
-    parser.add_argument("--weights", required=True, choices=FORMATS, help="quantized format")
-    parser.add_argument("--out", required=True, type=Path, help="directory to write the quantized checkpoint to")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="float checkpoint directory (LoopCoder-V2)%(default).0s")
+    parser.add_argument("--weights", required=True, choices=FORMATS, help="quantized format%(default).0s")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="directory to write the quantized checkpoint to%(default).0s")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
                         help="int4: inputs that share one scale and zero")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -14,6 +14,7 @@ from typing import Any
 from safetensors import safe_open
 
 from parloop import plt
+from parloop.quant import FIELD, HEAD, LAYER_LINEARS
 
 
 class CheckpointError(ValueError):
@@ -41,6 +42,32 @@ def check_weight_files(directory: Path) -> None:
             raise CheckpointError(f"{path} is truncated or corrupt ({err}); save or download it again") from err
 
 
+# the dtype each tensor of a quantized layer must have in the files, per format (a float tensor under a quantized
+# config would otherwise be cast into the integer buffer: plausible numbers, wrong model)
+QUANTIZED_DTYPES = {"int8": {"weight": "I8", "weight_scale": "BF16"},
+                    "int4": {"weight": "U8", "weight_scale_zeros": "BF16"}}
+
+
+def check_quantized_dtypes(directory: Path) -> None:
+    """Fail, naming the tensor, if a quantized checkpoint stores a quantized layer's tensor in the wrong dtype."""
+    config_file = directory / "config.json"
+    weights = (json.loads(config_file.read_text()).get(FIELD) or {}).get("weights") if config_file.exists() else None
+    if weights not in QUANTIZED_DTYPES:
+        return
+    expected = QUANTIZED_DTYPES[weights]
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors handle is no dict)
+                module, _, kind = name.rpartition(".")
+                layer = module.rsplit(".", 1)[-1]
+                if (layer in LAYER_LINEARS or module == HEAD) and kind in expected:
+                    dtype = f.get_slice(name).get_dtype()
+                    if dtype != expected[kind]:
+                        raise CheckpointError(f"{path.name}: {name} is {dtype}, but a {weights} checkpoint stores "
+                                              f"it as {expected[kind]}: the files do not match {FIELD} in "
+                                              "config.json; quantize the float checkpoint again")
+
+
 def mismatch_problems(info: dict[str, Any], unused_gate: bool) -> list[str]:
     """The loading report of `from_pretrained(..., output_loading_info=True)` as a list of problems. With
     `unused_gate` (a model with one loop), a missing G-SWA gate is not one: the gate is never used."""
@@ -57,6 +84,7 @@ def load_strict(load: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     missing, unexpected or wrongly shaped, and every damaged weight file of a local directory."""
     if args and Path(args[0]).is_dir():
         check_weight_files(Path(args[0]))
+        check_quantized_dtypes(Path(args[0]))
     want_info = kwargs.pop("output_loading_info", False)
     kwargs.setdefault("ignore_mismatched_sizes", True)  # so that we can name the key ourselves
     model, info = load(*args, output_loading_info=True, **kwargs)

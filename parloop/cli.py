@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("parloop.bench.command", "decode latency, prefill time and KV-cache bytes per loop mode and loop count"),
     "serve": ("parloop.inference.server", "OpenAI-compatible HTTP server with continuous batching"),
     "generate": ("parloop.inference.generate", "generate from a prompt, streaming tokens to the terminal"),
+    "quantize": ("parloop.quant_checkpoint", "write an int8 or int4 weight-quantized copy of a checkpoint, for CPUs"),
     "eval": ("parloop.eval.command", "evaluate a checkpoint: bpb, code reasoning, line completion, HumanEval"),
     "study": ("parloop.study.command", "the loop-count study: matched models per loop count and mode, with a report"),
 }

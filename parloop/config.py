@@ -8,6 +8,8 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from parloop.quant import QuantizationError, check_quantization_config
+
 LOOP_MODES = ("parallel", "sequential_shared", "sequential")
 RELEASED_ARCHITECTURE = "IQuestPLTCoderForCausalLM"
 RELEASED_EOS_TOKEN_IDS = (2, 75864, 75869)  # the released config class's default
@@ -107,6 +109,8 @@ class PLTConfig(PreTrainedConfig):
     plt_hidden_scale: float | None = None
     plt_gate_use_hidden_states: bool = False
     plt_loop_mode: str = "parallel"
+    # parloop's weight-only quantization (parloop/quant.py), written by `parloop quantize`; None = float weights
+    parloop_quantization: dict | None = None
 
     default_theta = 500000.0
 
@@ -147,6 +151,10 @@ class PLTConfig(PreTrainedConfig):
         for name in ("plt_emb_scale", "plt_hidden_scale"):
             value = getattr(self, name)
             _require(value is None or isinstance(value, (int, float)), name, value, "must be a number or null")
+        try:
+            check_quantization_config(self.parloop_quantization)
+        except QuantizationError as err:
+            raise ConfigError(f"PLTConfig.{err}") from err
 
     @property
     def loop_layout(self) -> LoopLayout:

@@ -32,6 +32,7 @@ from parloop.cache import ForwardKV, KVStore, PLTCache, StoreCall
 from parloop.checkpoint import load_strict
 from parloop.compile import compile_step
 from parloop.config import PLTConfig
+from parloop.quant import install_quantized_layers
 
 # Keyword arguments of the causal-LM loss (transformers' `ForCausalLMLoss`), which `PLTForCausalLM.forward` hands
 # to it as Llama does: gradient accumulation's token count, pre-shifted labels, the label to ignore.
@@ -422,6 +423,8 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = PLTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.parloop_quantization is not None:  # a quantized checkpoint: its layers' buffers come from the files
+            install_quantized_layers(self, config.parloop_quantization)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:

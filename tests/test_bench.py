@@ -17,7 +17,8 @@ from parloop.bench.timing import time_decode
 from parloop.cli import main
 from parloop.kernels import CANDIDATES
 
-TINY = ["bench", "--preset", "tiny", "--new-tokens", "3", "--warmup", "1", "--bandwidth-mb", "4", "--no-progress"]
+TINY = ["bench", "--preset", "tiny", "--new-tokens", "3", "--warmup", "1", "--bandwidth-mb", "4", "--no-progress",
+        "--threads", "1"]  # the default measures idle cores for a second and would change the tests' threads
 ROW_FIELDS = {"mode", "loops", "batch", "context", "new_tokens", "params", "decode_ms_per_token", "prefill_ms",
               "kv_cache_bytes", "kv_cache_bytes_formula", "ratio_to_r1", "bytes_per_step", "achieved_gbs",
               "achieved_bandwidth_pct"}

@@ -319,7 +319,7 @@ def test_a_kept_alive_connection_that_stops_inside_its_next_headers_is_dropped(s
 
 # -- row 10: threads ---------------------------------------------------------------------------------------------
 def test_threads_option_and_default(served: Served) -> None:
-    assert 1 <= default_threads() <= max(1, (os.cpu_count() or 1) // 2)
+    assert 1 <= default_threads() <= min(8, os.cpu_count() or 1)
     log = served.log.read_text()
     assert ", 1 threads)" in log  # --threads 1 reached the engine
     served.complete(prompt="The quick", max_tokens=2, temperature=0)

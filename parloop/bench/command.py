@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from parloop.bench.options import (
     DTYPES,
     PRESETS,
@@ -19,9 +21,11 @@ from parloop.bench.options import (
     BenchOptions,
 )
 from parloop.bench.plots import write_plots
+from parloop.bench.run7b import WEIGHTS, format_7b_table, run_7b
 from parloop.bench.runner import run_bench
 from parloop.bench.table import format_table
 from parloop.config import LOOP_MODES
+from parloop.threads import set_threads
 
 
 def _positive_int(text: str) -> int:
@@ -36,13 +40,22 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--preset", choices=list(PRESETS), default="100m",
                        help="model shape: tiny (smoke tests), 100m (hidden 768, 12 layers, 12 heads, 4 KV heads, "
                             "intermediate 2048, vocab 32000, tied embeddings: 100.1M parameters), 1b (hidden 2048, "
-                            "22 layers, 32/4 heads, intermediate 5632: 1.03B)")
+                            "22 layers, 32/4 heads, intermediate 5632: 1.03B), 7b (the released LoopCoder-V2: "
+                            "hidden 5120, 14 layers, 40/8 heads, intermediate 27648, vocab 76800, 7.6B; a bf16 "
+                            "checkpoint built once under --cache-dir, 15.2 GB, and its int8/int4 copies; each "
+                            "--weights format measured in a process of its own; try --modes parallel --loops 1 2 "
+                            "--context 32 --warmup 2 --new-tokens 8)")
     for option, name in SHAPE_OPTIONS:
         model.add_argument(f"--{option.replace('_', '-')}", type=_positive_int, default=None,
                            help=f"override the preset's {name}%(default).0s")
     model.add_argument("--window", type=int, default=64, help="sliding window W of loops >= 1 (keys t-W..t)")
     model.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and activations")
     model.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
+    model.add_argument("--weights", choices=WEIGHTS, nargs="+", default=None,
+                       help="--preset 7b: the weight formats to measure, side by side (default: all)%(default).0s")
+    model.add_argument("--cache-dir", type=Path, default=None,
+                       help="--preset 7b: where the checkpoints are built once and kept (default: "
+                            "$PARLOOP_CACHE/bench-7b, $PARLOOP_CACHE defaulting to ~/.cache/parloop)%(default).0s")
 
 
 def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +96,8 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     # "%(default).0s" prints nothing; it stops the CLI's formatter from adding "(default: None)"
     where.add_argument("--threads", type=_positive_int, default=None,
-                       help="torch.set_num_threads (default: torch's choice)%(default).0s")
+                       help="torch.set_num_threads (default: the cores other programs leave idle, measured over "
+                            "a second)%(default).0s")
     where.add_argument("--bandwidth-mb", type=_positive_int, default=512,
                        help="size of the tensor copied to measure memory bandwidth")
     where.add_argument("--json", type=Path, default=None, metavar="FILE",
@@ -116,6 +130,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 # options of the parloop engine that the vLLM benchmark has no use for: giving one with --engine vllm is an error
 NOT_FOR_VLLM = ("modes", "context", "warmup", "compile", "repeat_reversed", "dtype", "device", "seed", "plot_dir",
+                "weights", "cache_dir",
                 "sweep_contexts", "bandwidth_mb") + tuple(option for option, _ in SHAPE_OPTIONS)
 
 
@@ -151,15 +166,32 @@ def run_vllm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_parloop(args: argparse.Namespace) -> tuple[dict, str]:
+    """The result and its table, of the 7b formats or of the random-weight presets."""
+    if args.preset == "7b" and args.plot_dir is not None:
+        raise BenchError("--preset 7b writes no plots: leave --plot-dir out")
+    if args.weights is not None and args.preset != "7b":
+        raise BenchError("--weights applies to --preset 7b (a checkpoint on disk, quantized by parloop quantize); "
+                         "the other presets build float models: choose their --dtype")
+    options = options_from_args(args)
+    set_threads(args.threads, "bench")
+    options.threads = torch.get_num_threads()
+    if args.preset == "7b":
+        result = run_7b(options, args.weights or list(WEIGHTS), args.cache_dir, progress=not args.no_progress)
+        return result, format_7b_table(result)
+    result = run_bench(options, progress=not args.no_progress)
+    return result, format_table(result)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.engine == "vllm":
         return run_vllm(args)
     try:
-        result = run_bench(options_from_args(args), progress=not args.no_progress)
+        result, table = _run_parloop(args)
     except BenchError as err:
         print(f"parloop bench: error: {err}", file=sys.stderr)
         return 2
-    print(format_table(result))
+    print(table)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -17,6 +17,9 @@ PRESETS: dict[str, dict[str, int]] = {
                  intermediate_size=2048, vocab_size=32000),
     "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                intermediate_size=5632, vocab_size=32000),
+    # the released LoopCoder-V2 shapes (head_dim 128), measured from a checkpoint on disk (parloop/bench/run7b.py)
+    "7b": dict(hidden_size=5120, num_hidden_layers=14, num_attention_heads=40, num_key_value_heads=8,
+               intermediate_size=27648, vocab_size=76800),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SWEEP_LOOPS = (1, 2, 3, 4, 5)

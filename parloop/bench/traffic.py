@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from parloop.config import PLTConfig
@@ -31,18 +32,23 @@ def kv_cache_bytes_formula(config: PLTConfig, batch: int, length: int, element_s
     return config.num_hidden_layers * batch * per_slot * slots
 
 
-def _nbytes(params: Iterable[nn.Parameter]) -> int:
+def _nbytes(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
+
+
+def _module_bytes(module: nn.Module) -> int:
+    """Parameters and buffers (a quantized layer keeps its weights and scales as buffers)."""
+    return _nbytes(module.parameters()) + _nbytes(module.buffers())
 
 
 def decode_step_bytes(model: nn.Module, mode: str, loops: int, batch: int, length: int, window: int) -> int:
     """Bytes one decode step must read from memory with `length` tokens in the cache (see the module docstring).
     Works for `PLTForCausalLM` and `LlamaForCausalLM` (same module names; pass mode "parallel", loops 1)."""
     config = model.config
-    element_size = model.lm_head.weight.element_size()
+    element_size = model.model.embed_tokens.weight.element_size()  # activations and KV: the float dtype
     passes = 1 if mode == "parallel" else loops
-    layers = _nbytes(model.model.layers.parameters())
-    head = _nbytes(model.lm_head.parameters()) + _nbytes(model.model.norm.parameters())
+    layers = _module_bytes(model.model.layers)
+    head = _module_bytes(model.lm_head) + _module_bytes(model.model.norm)
     embedding_rows = batch * config.hidden_size * element_size
     read_slots = kv_slots(mode, loops, length, window)
     if mode == "sequential_shared":  # every loop's global branch reads loop 0's full cache again

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     limit, context = args.limit, args.context
     try:
-        model, tokenizer = load_model(args.model, args.device, args.dtype)
+        model, tokenizer = load_model(args.model, args.device, args.dtype, args.weights)
         for task in args.task:
             results[task] = evaluate(model, tokenizer, task, held_out if data else None, limit, context=context,
                                      batch_size=args.batch_size, shots=args.shots, samples=args.samples,

@@ -10,6 +10,8 @@ from pathlib import Path
 from parloop.inference.engine import Engine, LimitError, SamplingParams
 from parloop.inference.loading import add_model_arguments, load_model
 from parloop.inference.text import TextChoices, chat_prompt_ids
+from parloop.quant import QuantizationError
+from parloop.threads import set_threads
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send the prompt as a user message through the tokenizer's chat template")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch; unset: the cores other programs leave idle (measured over a "
+                             "second)%(default).0s")
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -79,7 +84,13 @@ def _report(job: TextChoices) -> None:
 def run(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     params = _sampling_params(args)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"parloop generate: --threads must be >= 1, got {args.threads}")
+    set_threads(args.threads, "generate")
+    try:
+        model, tokenizer = load_model(args.model, args.device, args.dtype, args.weights)
+    except QuantizationError as err:
+        raise SystemExit(f"parloop generate: {err}") from err
     try:
         ids = (chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}]) if args.chat
                else tokenizer(prompt)["input_ids"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parloop  # noqa: F401  (registers the model type with the Auto classes)
 from parloop.kernels import use_few_row_kernels
+from parloop.quant import FIELD, FORMATS, QuantizationError, quantize_model
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -20,10 +22,35 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory: config.json, weights and tokenizer files")
     parser.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weight dtype; auto = the checkpoint's")
+    parser.add_argument("--weights", default=None, choices=FORMATS,
+                        help="quantize a float checkpoint's weights on load (CPU, bfloat16; `parloop quantize` "
+                             "writes a quantized checkpoint that loads faster); default: as the checkpoint stores "
+                             "them%(default).0s")
 
 
-def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """Load `(model, tokenizer)` from a model directory, the model in eval mode on `device`."""
+def stored_weights(model_dir: Path) -> str | None:
+    """The quantized format a model directory stores (int8, int4), None for float weights."""
+    return (json.loads((model_dir / "config.json").read_text()).get(FIELD) or {}).get("weights")
+
+
+def _check_quantized_load(model_dir: Path, device: str, dtype: str, weights: str | None) -> None:
+    """Refuse, saying why, a quantized load that the CPU kernels cannot run."""
+    stored = stored_weights(model_dir)
+    if weights is None and stored is None:
+        return
+    if weights is not None and stored is not None:
+        raise QuantizationError(f"{model_dir} is already quantized ({stored}); leave out --weights {weights}")
+    if device not in ("auto", "cpu"):
+        raise QuantizationError(f"quantized weights run on the CPU kernels only: use --device cpu, not {device}")
+    if dtype not in ("auto", "bfloat16"):
+        raise QuantizationError(f"quantized weights compute in bfloat16: use --dtype auto or bfloat16, not {dtype}")
+
+
+def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto",
+               weights: str | None = None) -> tuple[Any, Any]:
+    """Load `(model, tokenizer)` from a model directory, the model in eval mode on `device`; with `weights`
+    (int8, int4) a float checkpoint is quantized on load (with dtype "auto", from the checkpoint's own dtype, as
+    `parloop quantize` quantizes it)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json); pass the directory that "
@@ -33,7 +60,11 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto") -> tu
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"cannot load a tokenizer from {model_dir} ({err}); save one there with "
                                 "tokenizer.save_pretrained(dir)") from err
+    _check_quantized_load(model_dir, device, dtype, weights)
+    quantized = weights is not None or stored_weights(model_dir) is not None
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cpu" if quantized else "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    if weights is not None:  # from the checkpoint's own dtype, as `parloop quantize` reads it
+        model = quantize_model(model, weights)
     return use_few_row_kernels(model.to(device).eval()), tokenizer

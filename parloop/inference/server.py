@@ -21,22 +21,25 @@ from parloop.inference.guard import AccessPolicy, default_hosts, header_deadline
 from parloop.inference.loading import add_model_arguments, load_model
 from parloop.inference.requests import RequestLimits
 from parloop.inference.routes import create_app
+from parloop.quant import QuantizationError
+from parloop.threads import idle_cores, set_threads
 
 __all__ = ["add_arguments", "create_app", "default_threads", "run", "uvicorn_config"]
 
 log = logging.getLogger("parloop.serve")
 
 API_KEY_ENV = "PARLOOP_API_KEY"
+MOST_THREADS = 8
 PUBLIC_WARNING = ("binding to a public address (0.0.0.0, ::, or a LAN address) lets anyone who can reach this "
                   "machine use the model, read what it generates and load it with work: set --api-key (or "
                   f"${API_KEY_ENV}) and --allowed-hosts, and prefer a reverse proxy with TLS in front")
 
 
 def default_threads() -> int:
-    """Intra-op threads for the engine: half the CPUs, at most 8. Measured (docs/serving.md): on a busy machine
-    a thread per CPU makes every op wait for the slowest, often loaded, core, so decoding slowed down 15-40x;
-    half leaves room for the event loop, the tokenizer threads and other work."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    """Intra-op threads for the engine: the cores other programs leave idle (measured at start), at most 8.
+    Measured (docs/serving.md): on a busy machine a thread per CPU makes every op wait for the slowest, loaded
+    core, so decoding slowed down 15-40x."""
+    return min(MOST_THREADS, idle_cores())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,8 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-stop-length", type=int, default=RequestLimits.max_stop_length,
                         help="longest stop string, in characters")
     parser.add_argument("--threads", type=int, default=None,
-                        help=f"CPU threads for the model's ops; unset: half the CPUs, at most 8 (here "
-                             f"{default_threads()})")
+                        help=f"CPU threads for the model's ops; unset: the cores other programs leave idle (measured "
+                             f"over a second at start), at most {MOST_THREADS}")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -113,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     _check_options(args)
-    torch.set_num_threads(args.threads or default_threads())
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    set_threads(args.threads, "serve", most=MOST_THREADS)
+    try:
+        model, tokenizer = load_model(args.model, args.device, args.dtype, args.weights)
+    except QuantizationError as err:
+        raise SystemExit(f"parloop serve: {err}") from err
     engine = Engine(model, max_batch_size=args.max_batch_size, max_cached_tokens=args.max_cached_tokens,
                     max_prompt_tokens=args.max_prompt_tokens, max_model_len=args.max_model_len,
                     max_queued_sequences=args.max_queued_sequences)

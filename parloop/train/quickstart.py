@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from parloop.bench import BenchOptions, format_table, run_bench
 from parloop.inference.loading import load_model
+from parloop.threads import idle_cores
 from parloop.train.baseline import bigram_bpb
 from parloop.train.checkpointer import FINAL_METRICS
 from parloop.train.corpus import Corpus, build_corpus, summary_table
@@ -185,27 +186,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads of torch; 0 = the cores other programs leave idle (load average), at "
                         "least 1: on a quiet 2-core machine two threads train about twice as fast as one, but when "
                         "other programs keep the cores busy two threads wait for each other and are far slower")
-
-
-def idle_cores(window: float = 1.0) -> int:
-    """CPU cores that other programs leave idle, measured over `window` seconds from /proc/stat (the load
-    average lags by a minute); the load average where /proc/stat does not exist. At least 1."""
-    cores = os.cpu_count() or 1
-    try:
-        first = _cpu_times()
-        time.sleep(window)
-        second = _cpu_times()
-        busy = 1.0 - (second[1] - first[1]) / max(second[0] - first[0], 1)
-    except OSError:
-        busy = os.getloadavg()[0] / cores
-    return max(1, min(cores, round(cores * (1.0 - busy))))
-
-
-def _cpu_times() -> tuple[int, int]:
-    """(total, idle + iowait) jiffies of all CPUs, from the first line of /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return sum(fields), fields[3] + fields[4]
 
 
 def report(models: list[dict[str, Any]], runs: list[tuple[Recipe, Path]], run_dir: Path,

@@ -1,0 +1,149 @@
+"""`parloop bench --preset 7b`: decode time of the released shapes in bf16, int8 and int4, side by side.
+
+Each weight format is measured in a process of its own (`python -m parloop.bench.run7b SPEC`), so that its peak
+resident memory is its own (plus the interpreter's, ~0.5 GB). The formats run one after another in one `parloop
+bench` run, each right after this process measures the machine's copy bandwidth again, so that ratios between
+them come from the same conditions as far as a shared machine allows. Every (R, mode) row loads the checkpoint
+lazily (memory-mapped) with that loop count and mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+import parloop  # noqa: F401  (registers the model type with the Auto classes)
+from parloop.bench.bandwidth import measure_memory_bandwidth
+from parloop.bench.options import BenchError, BenchOptions, check_options
+from parloop.bench.preset7b import RELEASED_7B, cache_root, checkpoint_for
+from parloop.bench.timing import significant, time_decode
+from parloop.bench.traffic import decode_step_bytes
+from parloop.cache import PLTCache
+from parloop.kernels import use_few_row_kernels
+
+WEIGHTS = ("bf16", "int8", "int4")
+
+
+def _files_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over an
+    exec, so a child would report its parent's peak when that was higher."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_format(spec: dict[str, Any]) -> dict[str, Any]:
+    """Every (loops, mode) row of one weight format (`spec`: directory, weights, loops, modes, context, warmup,
+    new_tokens, threads, memory_bandwidth_gbs, seed, vocab_size), in this process."""
+    torch.set_num_threads(spec["threads"])
+    directory = Path(spec["directory"])
+    bandwidth = spec["memory_bandwidth_gbs"]
+    prompt = torch.randint(spec["vocab_size"], (1, spec["context"]),
+                           generator=torch.Generator().manual_seed(spec["seed"]))
+    rows, load_s = [], []
+    for loops in spec["loops"]:
+        for mode in spec["modes"]:
+            start = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(directory, plt_num_loops=loops, plt_loop_mode=mode)
+            model = use_few_row_kernels(model.eval())
+            load_s.append(time.perf_counter() - start)
+            length = spec["context"] + spec["warmup"] + spec["new_tokens"]
+            timing = time_decode(model, lambda c=model.config, n=length: PLTCache(c, max_length=n), prompt,
+                                 spec["warmup"], spec["new_tokens"])
+            mid = spec["context"] + spec["warmup"] + spec["new_tokens"] // 2
+            step_bytes = decode_step_bytes(model, mode, loops, 1, mid, model.config.window)
+            gbs = step_bytes / (timing.decode_ms / 1e3) / 1e9
+            rows.append(dict(weights=spec["weights"], mode=mode, loops=loops,
+                             decode_ms_per_token=significant(timing.decode_ms), **timing.spread(),
+                             prefill_ms=significant(timing.prefill_ms), bytes_per_step=step_bytes,
+                             achieved_gbs=significant(gbs), achieved_bandwidth_pct=significant(100 * gbs / bandwidth)))
+            del model, timing
+    return dict(weights=spec["weights"], rows=rows, memory_bandwidth_gbs=significant(bandwidth),
+                checkpoint_bytes=_files_bytes(directory), peak_rss_bytes=_peak_rss_bytes(),
+                load_s=significant(min(load_s)), threads=spec["threads"])
+
+
+def run_7b(options: BenchOptions, weights: list[str], root: Path | None = None, progress: bool = True,
+           shape: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build (once, under `root`, default `cache_root()`) and measure the 7b checkpoint (or one of `shape`, for
+    tests) in each of `weights`, one child process per format."""
+    check_options(options)
+    if options.device != "cpu" or options.dtype not in ("float32", "bfloat16"):
+        raise BenchError("--preset 7b measures CPU decoding of bf16 weights and their int8/int4 copies: leave "
+                         "--device and --dtype out (the checkpoint is bf16)")
+    if options.sweep or options.compile or options.shape or options.repeat_reversed:
+        raise BenchError("--preset 7b takes none of --sweep, --compile, --repeat-reversed or the shape options: "
+                         "it measures the released shapes")
+    root = cache_root() if root is None else Path(root)
+    shape = RELEASED_7B if shape is None else shape
+    directories = {w: checkpoint_for(w, root, shape, progress) for w in weights}
+    formats = []
+    for w in tqdm(weights, desc="parloop bench 7b", unit="format", disable=not progress):
+        spec = dict(directory=str(directories[w]), weights=w, loops=sorted(set(options.loops)),
+                    modes=list(dict.fromkeys(options.modes)), context=options.context, warmup=options.warmup,
+                    new_tokens=options.new_tokens, threads=options.threads or torch.get_num_threads(),
+                    seed=options.seed, vocab_size=shape["vocab_size"],
+                    # measured here, not in the child, whose peak memory would then include the copied buffers
+                    memory_bandwidth_gbs=measure_memory_bandwidth(torch.device("cpu"), options.bandwidth_mb))
+        child = subprocess.run([sys.executable, "-m", "parloop.bench.run7b", json.dumps(spec)],
+                               capture_output=True, text=True, env=os.environ.copy())
+        if child.returncode != 0:
+            raise BenchError(f"measuring {w} failed:\n{child.stderr[-3000:]}")
+        formats.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    _add_ratios(formats)
+    return dict(formats=formats, cache_dir=str(root), load=[round(x, 2) for x in os.getloadavg()],
+                torch_version=torch.__version__)
+
+
+def _add_ratios(formats: list[dict[str, Any]]) -> None:
+    """Each row's time over the same format's R = 1 row (same mode), and over the bf16 row of the same R and mode."""
+    bf16 = {(r["mode"], r["loops"]): r["decode_ms_per_token"] for f in formats if f["weights"] == "bf16"
+            for r in f["rows"]}
+    for f in formats:
+        r1 = {r["mode"]: r["decode_ms_per_token"] for r in f["rows"] if r["loops"] == 1}
+        for row in f["rows"]:
+            key = (row["mode"], row["loops"])
+            row["ratio_to_r1"] = significant(row["decode_ms_per_token"] / r1[row["mode"]]) if row["mode"] in r1 \
+                else None
+            row["ratio_to_bf16"] = significant(row["decode_ms_per_token"] / bf16[key]) if key in bf16 else None
+        f["peak_rss_over_checkpoint"] = significant(f["peak_rss_bytes"] / f["checkpoint_bytes"])
+
+
+def format_7b_table(result: dict[str, Any]) -> str:
+    """The rows of `run_7b` as a text table, and one line per format on memory and load time."""
+    lines = [f"{'weights':<8}{'mode':<19}{'R':>2}{'ms/token':>10}{'x R=1':>7}{'x bf16':>8}{'GB/s':>7}"
+             f"{'% copy BW':>11}{'prefill ms':>12}"]
+    for f in result["formats"]:
+        for r in f["rows"]:
+            ratio = "" if r["ratio_to_bf16"] is None else f"{r['ratio_to_bf16']:.2f}"
+            lines.append(f"{r['weights']:<8}{r['mode']:<19}{r['loops']:>2}{r['decode_ms_per_token']:>10.1f}"
+                         f"{r['ratio_to_r1'] or 0:>7.2f}{ratio:>8}{r['achieved_gbs']:>7.1f}"
+                         f"{r['achieved_bandwidth_pct']:>10.0f}%{r['prefill_ms']:>12.0f}")
+    for f in result["formats"]:
+        lines.append(f"- {f['weights']}: checkpoint {f['checkpoint_bytes'] / 1e9:.2f} GB, peak RSS "
+                     f"{f['peak_rss_bytes'] / 1e9:.2f} GB ({f['peak_rss_over_checkpoint']:.2f}x the checkpoint), "
+                     f"load {f['load_s']:.2f} s, copy bandwidth {f['memory_bandwidth_gbs']:.1f} GB/s, "
+                     f"{f['threads']} threads")
+    lines.append(f"- checkpoints under {result['cache_dir']}; load average after the run {result['load']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_format(json.loads(sys.argv[1]))))

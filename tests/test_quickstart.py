@@ -32,7 +32,8 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dic
     with contextlib.redirect_stdout(stdout):
         code = cli.main(["quickstart", "--run-dir", str(run_dir), "--source", str(tmp / "src"), "--recipe",
                          str(RECIPE), "--seeds", "2", "--vocab-size", "300", "--max-new-tokens", "5",
-                         "--bench-preset", "tiny", "--bench-context", "8", "--bench-new-tokens", "2"])
+                         "--bench-preset", "tiny", "--bench-context", "8", "--bench-new-tokens", "2",
+                         "--reasoning-steps", "3", "--reasoning-seeds", "2", "--reasoning-held-out", "40"])
     assert code == 0
     return run_dir, stdout.getvalue(), json.loads((run_dir / "results.json").read_text())
 
@@ -84,7 +85,7 @@ def test_models_are_matched_pairs_per_seed(quickstart: tuple[Path, str, dict]) -
 def test_output_is_numbered_names_the_figure_and_holds_no_library_noise(quickstart: tuple[Path, str, dict]) -> None:
     run_dir, out, results = quickstart
     numbers = re.findall(r"^== (\d+)/(\d+) ", out, flags=re.MULTILINE)
-    assert numbers == [(str(k), "5") for k in range(1, 6)]
+    assert numbers == [(str(k), "6") for k in range(1, 7)]
     assert "estimated training time for 4 model(s)" in out
     figure = Path(results["figure"])
     assert figure == run_dir / "curves.png" and figure.read_bytes()[:4] == b"\x89PNG"
@@ -98,6 +99,22 @@ def test_output_is_numbered_names_the_figure_and_holds_no_library_noise(quicksta
     assert re.search(rf"done in [\d.]+ min \(wall-clock; training took [\d.]+ min, estimated [\d.]+ min\); "
                      rf"everything is under {re.escape(str(run_dir))}/", out)
     assert results["estimated_training_seconds"] > 0 and results["training_seconds"] > 0
+
+
+def test_reasoning_step_prints_its_paired_difference(quickstart: tuple[Path, str, dict]) -> None:
+    run_dir, out, results = quickstart
+    reasoning = results["reasoning"]
+    assert reasoning["seeds"] == 2 and reasoning["held_out"] == 40 and reasoning["steps"] == 3
+    records = {}
+    for path in (run_dir / "reasoning" / "models" / "phop-1" / "L1").glob("*/seed*.json"):
+        record = json.loads(path.read_text())
+        records[record["name"], record["seed"]] = record["evaluation"]["accuracy"]
+    assert sorted(records) == [("parallel-r2", 0), ("parallel-r2", 1), ("r1", 0), ("r1", 1)]
+    # the difference printed is the mean of the per-seed differences of the saved models, with its interval
+    gain = reasoning["r2_minus_r1"]
+    assert math.isclose(gain["mean"], sum(records["parallel-r2", s] - records["r1", s] for s in (0, 1)) / 2)
+    assert f"parallel R = 2 minus R = 1: {gain['mean']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" in out
+    assert reasoning["measurable"] == (gain["low"] > 0 or gain["high"] < 0)
 
 
 def _models(*val_bpbs: tuple[int, int, float]) -> list[dict]:

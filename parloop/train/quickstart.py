@@ -36,6 +36,7 @@ from parloop.train.corpus import Corpus, build_corpus, summary_table
 from parloop.train.distributed import World
 from parloop.train.errors import USER_ERRORS, exit_code
 from parloop.train.metrics import METRICS_FILE, format_metrics, plot_runs
+from parloop.train.quickreasoning import ReasoningSize, compare
 from parloop.train.quickreport import (
     comparison_lines,
     model_label,
@@ -50,12 +51,6 @@ from parloop.train.trainer import Trainer, train
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_PROMPT = "def fibonacci(n):\n"
-# What loops are for is not measured by this run: the study's reasoning track measured it (quoted, with its source).
-REASONING_FINDING = (
-    "where loops pay off (the project's study, not this run): `parloop study --track reasoning` found at this size "
-    "one task that needs depth, 1-hop induction with one layer (0.82 accuracy; two layers 1.00), where parallel "
-    "R = 2 reaches 0.995 (R = 2 minus R = 1: +0.18 [+0.13, +0.23], 3 seeds) and the cross-loop offset costs "
-    "nothing measurable; docs/study.md, 'The reasoning track'")
 LOOP_COUNTS = (1, 2)
 RESULTS_FILE = "results.json"
 FIGURE_FILE = "curves.png"
@@ -156,6 +151,16 @@ def complete(model_dir: str | Path, prompt: str, max_new_tokens: int, seed: int 
     return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
+def reasoning_step(args: argparse.Namespace, steps: Steps) -> dict[str, Any]:
+    """Where loops pay off: R = 1 against parallel R = 2 on a task that needs depth, with its interval."""
+    size = ReasoningSize(steps=args.reasoning_steps, seeds=args.reasoning_seeds, held_out=args.reasoning_held_out)
+    steps.header(f"reasoning: R = 1 and parallel R = 2 on 1-hop induction with one layer, a task that needs a "
+                 f"second layer's depth ({size.seeds} seeds each, {size.steps} steps; accuracy on held-out sequences)")
+    result = compare(args.run_dir / "reasoning", size, workers=max(1, torch.get_num_threads()))
+    print("\n".join(result.pop("lines")))
+    return result
+
+
 def bench_table(args: argparse.Namespace) -> str:
     options = BenchOptions(preset=args.bench_preset, loops=(1, 2), context=args.bench_context,
                            new_tokens=args.bench_new_tokens)
@@ -182,6 +187,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-context", type=int, default=256, help="prompt tokens prefilled before decoding")
     parser.add_argument("--bench-new-tokens", type=int, default=16, help="timed decode steps per bench row")
     parser.add_argument("--no-bench", action="store_true", help="skip the closing bench table")
+    parser.add_argument("--no-reasoning", action="store_true", help="skip the reasoning step (R = 1 against "
+                        "parallel R = 2 on 1-hop induction: about a minute of training on 2 idle cores)")
+    parser.add_argument("--reasoning-steps", type=int, default=ReasoningSize.steps,
+                        help="training steps of each reasoning model")
+    parser.add_argument("--reasoning-seeds", type=int, default=ReasoningSize.seeds, choices=range(2, 11),
+                        metavar="N", help="seeds of the reasoning comparison (2 to 10: an interval needs two)")
+    parser.add_argument("--reasoning-held-out", type=int, default=ReasoningSize.held_out,
+                        help="held-out sequences each reasoning model is scored on")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads of torch; 0 = the cores other programs leave idle (load average), at "
                         "least 1: on a quiet 2-core machine two threads train about twice as fast as one, but when "
@@ -222,6 +235,9 @@ def _sections(args: argparse.Namespace, runs: list[tuple[Recipe, Path]], steps: 
                and args.vocab_size == DEFAULT_VOCAB_SIZE)
     summary = {**report(models, runs, args.run_dir, shipped), "training_seconds": trained,
                "estimated_training_seconds": estimated}
+    summary["reasoning"] = None
+    if not args.no_reasoning:
+        summary["reasoning"] = reasoning_step(args, steps)
     steps.header(f"samples: each seed-{first.seed} model continues {args.prompt!r} (temperature 0.8, seed 0)")
     print("Samples from models this small and this briefly trained are not working code: read them as a picture "
           "of what each model has picked up of Python's look.")
@@ -246,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or idle_cores())
     run_dir: Path = args.run_dir
     data_dir = run_dir / "data"
-    steps = Steps(4 if args.no_bench else 5)
+    steps = Steps(6 - args.no_bench - args.no_reasoning)
     try:
         runs = plan(args, data_dir)
         source = "the Python standard library" if args.source == "stdlib" else args.source
@@ -264,6 +280,5 @@ def run(args: argparse.Namespace) -> int:
           f"  results.json   every number printed above\n"
           f"figure: {summary['figure']}  (training and validation curves of every model, same axes)\n"
           f"next: parloop generate --model {runs[1][1] / 'model'} 'import os'  |  parloop study  |  "
-          f"tensorboard --logdir {run_dir}"
-          f"\n{REASONING_FINDING}")
+          f"tensorboard --logdir {run_dir}")
     return 0

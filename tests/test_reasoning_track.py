@@ -3,12 +3,14 @@ records task, difficulty, seed and accuracy per model; a second run resumes with
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
 from parloop.cli import main
+from parloop.study.command import add_arguments as add_study_arguments
 from parloop.study.reasoning_analysis import (
     choose_multipliers,
     depth_hungry,
@@ -20,6 +22,7 @@ from parloop.study.reasoning_analysis import (
     variants,
     verdict,
 )
+from parloop.study.reasoning_command import reasoning_preset
 from parloop.study.reasoning_grid import REASONING_PRESETS, filler_cells, loop_cells
 
 
@@ -127,3 +130,14 @@ def test_bits_per_byte_options_are_refused_not_ignored(tmp_path: Path, capsys: p
 def test_a_reasoning_preset_is_refused_by_the_bpb_track(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["study", "--preset", "hard", "--out", str(tmp_path)]) == 2
     assert "--preset hard belongs to --track reasoning" in capsys.readouterr().err
+
+
+def test_the_command_line_picks_the_preset_and_its_changes() -> None:
+    parser = argparse.ArgumentParser()
+    add_study_arguments(parser)
+    default = reasoning_preset(parser.parse_args(["--track", "reasoning"]))  # no --preset: the default preset
+    assert default.tasks == REASONING_PRESETS["default"].tasks and default.seeds == REASONING_PRESETS["default"].seeds
+    changed = reasoning_preset(parser.parse_args(["--track", "reasoning", "--preset", "hard", "--seeds", "5",
+                                                  "--loops", "1", "2", "3", "--no-lr-sweep"]))
+    assert changed.tasks == REASONING_PRESETS["hard"].tasks and changed.seeds == 5
+    assert changed.loops == (2, 3) and changed.lr_multipliers == (1.0,)

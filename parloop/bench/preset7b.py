@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from parloop.config import PLTConfig
+from parloop.model import PLTDecoderLayer
 from parloop.quant_checkpoint import quantize_checkpoint, write_aligned
 
 # the released LoopCoder-V2 config (docs/design.md §4): 7.6B parameters
@@ -33,34 +34,35 @@ def cache_root() -> Path:
     return Path(os.environ.get("PARLOOP_CACHE", Path.home() / ".cache" / "parloop")) / "bench-7b"
 
 
+def _random_like(params: dict[str, torch.Tensor], prefix: str, std: float,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Tensors named and shaped as `params` (a module's state dict, on the meta device): norm weights one, biases
+    zero, the rest random, as a freshly initialised model has them."""
+    out = {}
+    for name, p in params.items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(p.shape, dtype=torch.bfloat16)
+        elif name.endswith(".bias"):
+            t = torch.zeros(p.shape, dtype=torch.bfloat16)
+        else:
+            t = torch.randn(*p.shape, generator=generator, dtype=torch.bfloat16) * std
+        out[prefix + name] = t.contiguous()
+    return out
+
+
 def _layer_tensors(config: PLTConfig, layer: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    heads, kv, std = config.num_attention_heads, config.num_key_value_heads, config.initializer_range
-
-    def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator, dtype=torch.bfloat16) * std).contiguous()
-
-    p = f"model.layers.{layer}."
-    tensors = {p + "self_attn.q_proj.weight": rand(heads * hd, d), p + "self_attn.k_proj.weight": rand(kv * hd, d),
-               p + "self_attn.v_proj.weight": rand(kv * hd, d), p + "self_attn.o_proj.weight": rand(d, heads * hd),
-               p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
-               p + "mlp.down_proj.weight": rand(d, f),
-               p + "input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
-               p + "post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
-               p + "self_attn.plt_gate.bias": torch.zeros(heads, dtype=torch.bfloat16)}
-    gate_in = d if config.plt_gate_use_hidden_states else hd
-    tensors[p + "self_attn.plt_gate.weight"] = rand(heads, gate_in)
-    if config.plt_gate_use_hidden_states:
-        tensors[p + "self_attn.plt_gate.gate_norm.weight"] = torch.ones(d, dtype=torch.bfloat16)
-    return tensors
+    # the model's own layer names and shapes (gate included where parloop.plt says the layer has one)
+    with torch.device("meta"):
+        params = PLTDecoderLayer(config, layer).state_dict()
+    return _random_like(params, f"model.layers.{layer}.", config.initializer_range, generator)
 
 
 def _outer_tensors(config: PLTConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     shape = (config.vocab_size, config.hidden_size)
-    std = config.initializer_range
-    return {"model.embed_tokens.weight": torch.randn(*shape, generator=generator, dtype=torch.bfloat16) * std,
-            "lm_head.weight": torch.randn(*shape, generator=generator, dtype=torch.bfloat16) * std,
-            "model.norm.weight": torch.ones(config.hidden_size, dtype=torch.bfloat16)}
+    params = {"model.embed_tokens.weight": torch.empty(shape, device="meta"),
+              "lm_head.weight": torch.empty(shape, device="meta"),
+              "model.norm.weight": torch.empty(config.hidden_size, device="meta")}
+    return _random_like(params, "", config.initializer_range, generator)
 
 
 def build_checkpoint(directory: Path, shape: dict[str, Any], seed: int = 0, progress: bool = True) -> Path:

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 
 from parloop import plt
-from parloop.quant import FIELD, HEAD, LAYER_LINEARS
+from parloop.quant import FIELD, HEAD, LAYER_LINEARS, TENSORS
 
 
 class CheckpointError(ValueError):
@@ -44,8 +45,9 @@ def check_weight_files(directory: Path) -> None:
 
 # the dtype each tensor of a quantized layer must have in the files, per format (a float tensor under a quantized
 # config would otherwise be cast into the integer buffer: plausible numbers, wrong model)
-QUANTIZED_DTYPES = {"int8": {"weight": "I8", "weight_scale": "BF16"},
-                    "int4": {"weight": "U8", "weight_scale_zeros": "BF16"}}
+SAFETENSORS_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.bfloat16: "BF16"}
+QUANTIZED_DTYPES = {weights: {name: SAFETENSORS_DTYPES[dtype] for name, dtype in tensors.items()}
+                    for weights, tensors in TENSORS.items()}
 
 
 def check_quantized_dtypes(directory: Path) -> None:

@@ -9,6 +9,9 @@ of each (shape, rows, dtype, threads) are spread over the candidate layouts, tim
 it, the choice is then re-checked at a falling rate against the other layouts in back-to-back pairs of real calls,
 and changed when most recent pairs say so, so that a burst of load during the first calls cannot lock in a bad one.
 
+For bf16 weights on a CPU with AVX512-BF16 there is nothing to tune: parloop's own kernel (`parloop.cpu_kernels`)
+streams the weight once for all rows and is used directly.
+
 On a GPU the same step is launch-bound instead; `parloop.compile` handles that (docs/design.md §3).
 """
 
@@ -23,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from parloop import cpu_kernels
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [M, K], W [N, K]) -> [M, N]
 
@@ -162,20 +167,23 @@ def layout_switches() -> dict[tuple, int]:
 
 
 class FewRowLinear(nn.Linear):
-    """`nn.Linear` whose CPU inference calls with a few rows go through `few_rows_linear`.
+    """`nn.Linear` whose CPU inference calls with a few rows go through parloop's bf16 kernel (bf16 weights, where
+    the CPU has AVX512-BF16: `parloop.cpu_kernels`) or else `few_rows_linear`.
 
     Installed into a model by `use_few_row_kernels`; weights, names and state dict are those of `nn.Linear`.
     Training, GPUs, many rows and compiled steps use `F.linear` (their own kernels are already good).
     """
 
-    FEW_ROWS = 8
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (x.device.type != "cpu" or rows >= self.FEW_ROWS or torch.is_grad_enabled()
-                or torch.compiler.is_compiling()):
+        if not cpu_kernels.fits(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
-        out = few_rows_linear(x.reshape(rows, self.in_features), self.weight)
+        flat = x.reshape(rows, self.in_features)
+        kernels = cpu_kernels.kernels() if x.dtype == self.weight.dtype == torch.bfloat16 else None
+        if kernels is not None and self.weight.is_contiguous():
+            out = kernels.linear_bf16(flat.contiguous(), self.weight)
+        else:
+            out = few_rows_linear(flat, self.weight)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)

@@ -1,50 +1,49 @@
-"""Weight-only quantization for CPU decoding: int8 per output channel, int4 in groups (design §4c).
+"""Weight-only quantization for CPU decoding: int8 per output channel, int4 in groups (docs/cpu.md).
 
 A decode step reads every weight once per token, so its time is the weights' bytes over the memory bandwidth:
 8-bit weights halve it, 4-bit weights (plus a bf16 scale and zero per group of `group_size` inputs) nearly quarter
-it. The products run on PyTorch's own CPU kernels, `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`,
-which take the R stacked rows of a `parallel` decode step in one call (the weight is read once for all of them).
-Activations stay bfloat16: those are the kernels' fast path (float32 activations run 10-20x slower in torch 2.13).
+it. Decode-sized products (1 to 8 rows: the R stacked rows of a `parallel` step go through one call) run on
+parloop's CPU kernels (`parloop.cpu_kernels`), which unpack each weight block once for all rows; where those cannot
+run (no AVX512-BF16), on PyTorch's own `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu`; a prefill
+(more rows) dequantizes blocks of output rows and multiplies them with PyTorch's matrix product.
+Activations are bfloat16; int8 also takes float32 (the kernels compute in float32 there).
 
 The weights of every decoder layer's linear products (q/k/v/o, gate/up/down) and of the output head are quantized;
 the embedding (one row read per token), norms and G-SWA gates stay as they are.
 
 On disk a quantized checkpoint is an ordinary model directory whose `config.json` carries `parloop_quantization`
-and whose quantized layers `X` hold `X.weight` (int8 `[N, K]`, or uint8 `[N, K/2]` in the int4 kernel's packed
-layout) and `X.weight_scale` (`[N]`, int8) or `X.weight_scale_zeros` (`[K/group, N, 2]`, int4), all loaded by
-`from_pretrained` without a copy.
+and whose quantized layers `X` hold `X.weight` (int8 `[N, K]`, or uint8 `[N, K/2]` with two int4 codes per byte,
+the even input in the low nibble) and `X.weight_scale` (bf16 `[N]` for int8, `[N, K/group]` for int4) and, for
+int4, `X.weight_zero` (bf16 `[N, K/group]`), all loaded by `from_pretrained` without a copy. The layout is plain
+(no CPU- or torch-specific packing), so a checkpoint works on every machine.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from parloop import cpu_kernels
+
 FORMATS = ("int8", "int4")
+VERSIONS = {"int8": 1, "int4": 2}  # the format version written; int4's version 1 was torch's CPU-specific packing
 DEFAULT_GROUP_SIZE = 128  # int4: inputs sharing a scale and zero (the common choice of GPTQ/AWQ/llama.cpp Q4)
-GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = (64, 128, 256)  # multiples of the kernel's 64-input block
 # the linear products quantized: each decoder layer's, and the output head
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEAD = "lm_head"
 FIELD = "parloop_quantization"  # the config.json field
+# the tensors of a quantized layer and their dtypes in the files, per format
+TENSORS = {"int8": {"weight": torch.int8, "weight_scale": torch.bfloat16},
+           "int4": {"weight": torch.uint8, "weight_scale": torch.bfloat16, "weight_zero": torch.bfloat16}}
+DEQUANTIZE_ROWS = 2048  # output rows dequantized at a time for a prefill (bounds the temporary float weight)
 
 
 class QuantizationError(ValueError):
     """A quantization request or quantized checkpoint that cannot work; the message says what to change."""
-
-
-def int4_layout_fingerprint() -> str:
-    """A hash of this torch's CPU int4 packed layout, stored in a checkpoint: the layout is the kernel's own
-    (so loading needs no repacking) and a torch or CPU that packs differently must not read it as the same."""
-    generator = torch.Generator().manual_seed(0)
-    digest = hashlib.sha256()
-    for n, k in ((64, 64), (48, 128)):
-        values = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=generator)
-        digest.update(torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def quantization_config(weights: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, Any]:
@@ -52,26 +51,26 @@ def quantization_config(weights: str, group_size: int = DEFAULT_GROUP_SIZE) -> d
     if weights not in FORMATS:
         raise QuantizationError(f"weights {weights!r} is not a quantized format: use one of {', '.join(FORMATS)}")
     if weights == "int8":
-        return {"weights": "int8", "version": 1}
+        return {"weights": "int8", "version": VERSIONS["int8"]}
     if group_size not in GROUP_SIZES:
         raise QuantizationError(f"group size {group_size} is not supported: use one of {GROUP_SIZES}")
-    return {"weights": "int4", "version": 1, "group_size": group_size, "int4_layout": int4_layout_fingerprint()}
+    return {"weights": "int4", "version": VERSIONS["int4"], "group_size": group_size}
 
 
 def check_quantization_config(value: Any) -> None:
     """Raise `QuantizationError` naming what is wrong with a `parloop_quantization` value (None is fine)."""
     if value is None:
         return
-    if not isinstance(value, dict) or value.get("weights") not in FORMATS or value.get("version") != 1:
+    if not isinstance(value, dict) or value.get("weights") not in FORMATS or value.get("version") not in (1, 2):
         raise QuantizationError(f"{FIELD} = {value!r} is invalid: it must be written by `parloop quantize` "
-                                f"(weights one of {', '.join(FORMATS)}, version 1)")
-    if value["weights"] == "int4":
-        expected = quantization_config("int4", value.get("group_size", 0))
-        if value.get("int4_layout") != expected["int4_layout"]:
-            raise QuantizationError(
-                f"this int4 checkpoint was packed in a layout ({value.get('int4_layout')}) that this torch "
-                f"{torch.__version__} does not use ({expected['int4_layout']}): quantize the float checkpoint "
-                "again here with `parloop quantize`")
+                                f"(weights one of {', '.join(FORMATS)}, version as in {VERSIONS})")
+    if value["weights"] == "int8" and value["version"] != VERSIONS["int8"]:
+        raise QuantizationError(f"{FIELD} = {value!r}: int8 checkpoints are version {VERSIONS['int8']}")
+    if value["weights"] == "int4" and value["version"] != VERSIONS["int4"]:
+        raise QuantizationError("this int4 checkpoint was written by an older parloop in torch's CPU-specific "
+                                "packing: quantize the float checkpoint again with `parloop quantize`")
+    if value["weights"] == "int4" and value.get("group_size") not in GROUP_SIZES:
+        raise QuantizationError(f"{FIELD}.group_size = {value.get('group_size')!r} is invalid: one of {GROUP_SIZES}")
 
 
 def _round_bf16(t: torch.Tensor) -> torch.Tensor:
@@ -88,10 +87,8 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, torch.Tensor]:
     """Asymmetric int4 per group of `group_size` inputs: w ~ (q - 8) * scale + zero, q in [0, 15], the group's
-    min..max spread over the 16 levels (the convention of `aten._weight_int4pack_mm_for_cpu`)."""
+    min..max spread over the 16 levels; two codes per byte, the even input in the low nibble."""
     n, k = weight.shape
-    if n % 16:
-        raise QuantizationError(f"the int4 kernel needs output sizes divisible by 16, got a layer of {n}: use int8")
     if k % group_size:
         raise QuantizationError(f"int4 groups of {group_size} do not divide a layer's {k} inputs: pick a "
                                 f"--group-size from {GROUP_SIZES} that divides every layer's input size")
@@ -99,10 +96,9 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) ->
     low, high = w.amin(-1), w.amax(-1)
     scale = _round_bf16((high - low).clamp(min=1e-12) / 15)
     zero = _round_bf16(low + 8 * scale)
-    q = (torch.round((w - zero[..., None]) / scale[..., None]) + 8).clamp(0, 15).to(torch.int32).view(n, k)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    scale_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-    return {"weight": packed, "weight_scale_zeros": scale_zeros}
+    q = (torch.round((w - zero[..., None]) / scale[..., None]) + 8).clamp(0, 15).to(torch.uint8).view(n, k)
+    return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "weight_scale": scale.to(torch.bfloat16),
+            "weight_zero": zero.to(torch.bfloat16)}
 
 
 def quantize_weight(weight: torch.Tensor, config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -112,11 +108,24 @@ def quantize_weight(weight: torch.Tensor, config: dict[str, Any]) -> dict[str, t
     return quantize_int4(weight, config["group_size"])
 
 
+def dequantize(tensors: dict[str, torch.Tensor], config: dict[str, Any], rows: slice = slice(None),
+               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The float weight `[N, K]` (or its output `rows`) that quantized `tensors` stand for."""
+    weight, scale = tensors["weight"][rows], tensors["weight_scale"][rows]
+    if config["weights"] == "int8":
+        return weight.to(dtype) * scale.to(dtype)[:, None]
+    n, group = weight.shape[0], config["group_size"]
+    codes = torch.stack([weight & 15, weight >> 4], dim=-1).view(n, -1, group).to(dtype)  # [N, K/G, G]
+    zero = tensors["weight_zero"][rows].to(dtype)
+    return ((codes - 8) * scale.to(dtype)[..., None] + zero[..., None]).view(n, -1)
+
+
 class QuantLinear(nn.Module):
-    """A bias-optional linear product with quantized weights, for inference on a CPU in bfloat16.
+    """A bias-optional linear product with quantized weights, for inference on a CPU.
 
     Its buffers are what `quantize_weight` returns (persistent: `state_dict`, `save_pretrained` and
-    `from_pretrained` see them under the layer's own name). Any number of rows go through one kernel call.
+    `from_pretrained` see them under the layer's own name) and keep their dtypes through `model.to(dtype)`: only
+    the activations change dtype. Any number of rows go through one call.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: dict[str, Any],
@@ -124,25 +133,30 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.config = in_features, out_features, config
         self.weights = config["weights"]
-        if self.weights == "int8":
-            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-            self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.bfloat16, device=device))
-        else:
-            groups = in_features // config["group_size"]
-            self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
-                                                       device=device))
-            self.register_buffer("weight_scale_zeros", torch.empty(groups, out_features, 2, dtype=torch.bfloat16,
-                                                                   device=device))
+        groups = in_features // config.get("group_size", in_features)
+        shapes = {"weight": (out_features, in_features if self.weights == "int8" else in_features // 2),
+                  "weight_scale": (out_features,) if self.weights == "int8" else (out_features, groups),
+                  "weight_zero": (out_features, groups)}
+        for name, dtype in TENSORS[self.weights].items():
+            self.register_buffer(name, torch.empty(shapes[name], dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self._stock_int4: tuple[torch.Tensor, torch.Tensor] | None = None  # aten's packing, built if needed
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: dict[str, Any]) -> QuantLinear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, config, device="cpu")
         for name, tensor in quantize_weight(linear.weight, config).items():
-            setattr(module, name, tensor)
+            setattr(module, name, tensor.contiguous())
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
         return module.eval()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        # model.float() / .to(dtype) would turn the bf16 scales into float32 tensors the kernels do not take
+        super()._apply(fn, recurse)
+        for name, dtype in TENSORS[self.weights].items():
+            setattr(self, name, getattr(self, name).to(dtype))
+        return self
 
     def extra_repr(self) -> str:
         group = f", group_size={self.config['group_size']}" if self.weights == "int4" else ""
@@ -156,24 +170,52 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu" or self.weight.device.type != "cpu":
             raise QuantizationError(f"quantized weights run on the CPU kernels only (input on {x.device}): load "
                                     "the model on the CPU, or use the float checkpoint on a GPU")
-        if x.dtype != torch.bfloat16:
-            raise QuantizationError(f"a model with quantized weights computes in bfloat16, got {x.dtype} "
-                                    "activations (torch's CPU kernels are fast only there): load it with "
-                                    "dtype=torch.bfloat16 or 'auto' (--dtype auto or bfloat16)")
+        allowed = (torch.bfloat16, torch.float32) if self.weights == "int8" else (torch.bfloat16,)
+        if x.dtype not in allowed:
+            raise QuantizationError(f"a model with {self.weights} weights computes in "
+                                    f"{' or '.join(str(d).removeprefix('torch.') for d in allowed)}, got {x.dtype} "
+                                    "activations: load it with dtype=torch.bfloat16 or 'auto' (--dtype auto)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._refuse(x)
-        if self.weight.data_ptr() % 64:  # the int8 kernel crashes on a misaligned weight (see quant_checkpoint)
-            self.weight = self.weight.clone()
-        rows = x.reshape(-1, self.in_features)
-        if self.weights == "int8":
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        kernels = cpu_kernels.kernels() if cpu_kernels.fits(rows) else None
+        if kernels is not None:
+            out = self._kernel(kernels, rows)
+        elif rows.shape[0] <= cpu_kernels.MAX_ROWS:
+            out = self._stock(rows)
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.config["group_size"],
-                                                              self.weight_scale_zeros)
+            out = self._dequantized(rows)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _kernel(self, kernels: Any, rows: torch.Tensor) -> torch.Tensor:
+        if self.weights == "int8":
+            return kernels.linear_int8(rows, self.weight, self.weight_scale)
+        return kernels.linear_int4(rows, self.weight, self.weight_scale, self.weight_zero, self.config["group_size"])
+
+    def _stock(self, rows: torch.Tensor) -> torch.Tensor:
+        """PyTorch's weight-only kernels, for CPUs that cannot run parloop's (bf16 activations only)."""
+        if rows.dtype != torch.bfloat16 or (self.weights == "int4" and self.out_features % 16):
+            return self._dequantized(rows)  # cases the stock kernels do not take
+        if self.weights == "int8":
+            if self.weight.data_ptr() % 64:  # torch 2.13's int8 kernel crashes on a misaligned weight
+                self.weight = self.weight.clone()
+            return torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
+        if self._stock_int4 is None:  # aten's own packing of the codes: a second copy of the weight in memory
+            codes = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).view(self.out_features, -1)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+            scale_zeros = torch.stack([self.weight_scale.t(), self.weight_zero.t()], dim=-1).contiguous()
+            self._stock_int4 = (packed, scale_zeros)
+        packed, scale_zeros = self._stock_int4
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, self.config["group_size"], scale_zeros)
+
+    def _dequantized(self, rows: torch.Tensor) -> torch.Tensor:
+        """Many rows (a prefill): blocks of output rows dequantized, then PyTorch's matrix product."""
+        tensors = {name: getattr(self, name) for name in TENSORS[self.weights]}
+        return torch.cat([F.linear(rows, dequantize(tensors, self.config, slice(n, n + DEQUANTIZE_ROWS), rows.dtype))
+                          for n in range(0, self.out_features, DEQUANTIZE_ROWS)], dim=-1)
 
 
 def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -211,23 +253,25 @@ def check_quantizable(model: nn.Module, weights: str, group_size: int) -> dict[s
         if sizes:
             raise QuantizationError(f"int4 groups of {group_size} do not divide the input sizes {sizes}: pick a "
                                     f"group size from {GROUP_SIZES} that divides them")
-        outputs = sorted({m.out_features for _, m in quantized_linears(model) if m.out_features % 16})
-        if outputs:
-            raise QuantizationError(f"the int4 kernel needs output sizes divisible by 16, and this model has "
-                                    f"{outputs} (vocab_size?): use int8")
     return config
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, weights: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+def quantize_model(model: nn.Module, weights: str, group_size: int = DEFAULT_GROUP_SIZE,
+                   dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Quantize a float PLT model in place (returns it, in eval mode, on the CPU), one layer at a time so that
-    each float weight can be freed as soon as its quantized copy exists. The head is untied from the embedding."""
+    each float weight can be freed as soon as its quantized copy exists. The head is untied from the embedding.
+    `dtype` is what the rest of the model (embedding, norms, gates) and the activations compute in: bfloat16, or
+    float32 with int8 weights."""
     config = check_quantizable(model, weights, group_size)
+    if dtype not in (torch.bfloat16, torch.float32) or (weights == "int4" and dtype != torch.bfloat16):
+        raise QuantizationError(f"{weights} weights compute in bfloat16{' or float32' * (weights == 'int8')}, "
+                                f"not {dtype}")
     for name, linear in quantized_linears(model):
         _replace(model, name, QuantLinear.from_linear(linear, config))
     for param in model.parameters():  # not model.to(): that would also round RoPE's float32 frequencies
-        param.data = param.data.to(torch.bfloat16)
+        param.data = param.data.to(dtype)
     setattr(model.config, FIELD, config)
     model.config.tie_word_embeddings = False
-    model.config.dtype = torch.bfloat16
+    model.config.dtype = dtype
     return model.eval()

@@ -146,9 +146,9 @@ def quantize_checkpoint(source: Path, target: Path, weights: str, group_size: in
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("int8: one scale per output channel (about half the bf16 bytes). int4: a bf16 scale and zero "
                      "per group of --group-size inputs (about 0.27x the bf16 bytes at 128). Every decoder layer's "
-                     "linear products and the output head are quantized; the result computes in bfloat16 on a "
-                     "CPU and loads with AutoModelForCausalLM.from_pretrained after `import parloop`, or with "
-                     "parloop generate/serve/eval --model OUT.")
+                     "linear products and the output head are quantized; the result computes in bfloat16 (int8 "
+                     "also in float32) on a CPU and loads with AutoModelForCausalLM.from_pretrained after "
+                     "`import parloop`, or with parloop generate/serve/eval --model OUT.")
     parser.add_argument("--model", required=True, type=Path,
                         help="float checkpoint directory (LoopCoder-V2)%(default).0s")
     parser.add_argument("--weights", required=True, choices=FORMATS, help="quantized format%(default).0s")

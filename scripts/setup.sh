@@ -21,3 +21,5 @@ for pkg in torchvision torchaudio torchcodec; do
     pip_quiet uninstall --yes "$pkg"
   fi
 done
+# parloop's CPU decode kernels are compiled once per machine (about a minute); doing it here spares the first run
+.venv/bin/python -m parloop.cpu_kernels

@@ -16,19 +16,19 @@ from safetensors.torch import load_file, save_file
 from test_model import MODES, left_padded_batch, prefill_then_decode
 from transformers import AutoModelForCausalLM
 
-from parloop import CheckpointError, PLTCache
+from parloop import CheckpointError, PLTCache, cpu_kernels
 from parloop.bench.options import BenchOptions
 from parloop.bench.preset7b import DONE_FILE, RELEASED_7B, checkpoint_for
 from parloop.bench.run7b import format_7b_table, run_7b
 from parloop.cli import main
 from parloop.config import ConfigError
-from parloop.quant import QuantizationError, QuantLinear, quantize_int4, quantize_int8, quantize_model
+from parloop.quant import QuantizationError, QuantLinear, quantization_config, quantize_model
 from parloop.quant_checkpoint import quantize_checkpoint
 from parloop.threads import set_threads
 
-# int4 needs group-divisible inputs and output sizes divisible by 16: hidden 32, intermediate 64, vocab 64
-SHAPE = dict(intermediate_size=64, vocab_size=64)
-GROUP = 32
+# int4 needs inputs divisible by the group (a multiple of 64): hidden 64, intermediate 128
+SHAPE = dict(hidden_size=64, intermediate_size=128, vocab_size=64)
+GROUP = 64
 BF16_EPS = 2.0**-8  # relative rounding of a bf16 result
 
 
@@ -38,35 +38,63 @@ def float_checkpoint(directory: Path, **overrides: object) -> Path:
 
 
 def dequantized(module: QuantLinear) -> torch.Tensor:
-    """The float weight `[N, K]` that a QuantLinear multiplies by, recovered through the kernel itself."""
+    """The float weight `[N, K]` that a QuantLinear multiplies by, recovered through the layer itself (an
+    identity input: K rows, the prefill path)."""
     eye = torch.eye(module.in_features, dtype=torch.bfloat16)
     return module(eye).float().t()
 
 
+def stored_weight(module: QuantLinear) -> torch.Tensor:
+    """The float weight the stored codes stand for, unpacked here independently of parloop.quant."""
+    if module.weights == "int8":
+        return module.weight.float() * module.weight_scale.float()[:, None]
+    low, high = (module.weight & 0x0F).float(), (module.weight >> 4).float()
+    codes = torch.empty(module.out_features, module.in_features)
+    codes[:, 0::2], codes[:, 1::2] = low, high  # the even input in the low nibble
+    step = module.weight_scale.float().repeat_interleave(GROUP, 1)
+    zero = module.weight_zero.float().repeat_interleave(GROUP, 1)
+    return (codes - 8) * step + zero
+
+
+@pytest.fixture(params=["parloop", "stock"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on parloop's CPU kernels and again on PyTorch's (what a CPU without AVX512-BF16 uses)."""
+    if request.param == "parloop":
+        if not cpu_kernels.cpu_supported():
+            pytest.skip("this CPU has no AVX512-BF16: parloop's kernels do not run here")
+        assert cpu_kernels.kernels() is not None, "the CPU kernels failed to build (see the warning)"
+    else:
+        monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    return request.param
+
+
 @pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_kernel_computes_the_quantized_weight_for_any_row_count(weights: str) -> None:
+def test_kernel_computes_the_quantized_weight_for_any_row_count(weights: str, kernel_path: str) -> None:
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 48, bias=False)
-    module = QuantLinear.from_linear(linear, {"weights": "int8", "version": 1} if weights == "int8" else
-                                     {"weights": "int4", "version": 1, "group_size": GROUP})
-    if weights == "int8":
-        q = quantize_int8(linear.weight)
-        expected = q["weight"].float() * q["weight_scale"].float()[:, None]
-    else:  # scale and zero per group: w = (q - 8) * scale + zero
-        groups = quantize_int4(linear.weight, GROUP)["weight_scale_zeros"].float()  # [K/G, N, 2]
-        step, zero = groups[..., 0].t().repeat_interleave(GROUP, 1), groups[..., 1].t().repeat_interleave(GROUP, 1)
-        codes = (dequantized(module) - zero) / step + 8
-        # integer codes in 0..15, up to the bf16 rounding of the recovered weight (2^-8 of |w| <= 16 steps)
-        assert (codes - codes.round()).abs().max() < 16 * BF16_EPS and codes.min() > -0.1 and codes.max() < 15.1
-        expected = (codes.round() - 8) * step + zero
+    linear = torch.nn.Linear(128, 48, bias=False)
+    module = QuantLinear.from_linear(linear, quantization_config(weights, GROUP))
+    expected = stored_weight(module)
     assert torch.allclose(dequantized(module), expected, rtol=2 * BF16_EPS, atol=1e-6)
-    for rows in (1, 2, 3, 5, 17):  # one row, the stacked decode's R rows, and prefill-sized blocks
-        x = torch.randn(rows, 64).to(torch.bfloat16)
+    # the codes decode to the float weight within one step: a layout mix-up (nibble or group order) would not
+    assert (expected - linear.weight).abs().max() < module.weight_scale.float().max()
+    for rows in (1, 2, 3, 5, 8, 17):  # one row, the stacked decode's R rows, and a prefill-sized block
+        x = torch.randn(rows, 128).to(torch.bfloat16)
         reference = x.float() @ expected.t()
-        # the kernel may round each dequantized weight (or product) to bf16 and rounds the result once: at most
-        # 2^-8 of sum |x| |w| apart from the float32 product
+        # the kernels multiply exact products and round the result to bf16 once: at most 2^-8 of sum |x| |w|
+        # apart from the float32 product (plus float32 summation order)
         scale = x.float().abs() @ expected.abs().t()
-        assert ((module(x).float() - reference).abs() <= BF16_EPS * scale + 1e-4).all()
+        assert ((module(x).float() - reference).abs() <= BF16_EPS * scale + 1e-4).all(), rows
+
+
+def test_int8_takes_float32_activations(kernel_path: str) -> None:
+    torch.manual_seed(2)
+    module = QuantLinear.from_linear(torch.nn.Linear(96, 40), quantization_config("int8")).float()
+    assert module.weight_scale.dtype == torch.bfloat16 and module.weight.dtype == torch.int8  # kept by .float()
+    for rows in (1, 4, 12):
+        x = torch.randn(rows, 96)
+        out = module(x)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, x @ stored_weight(module).t() + module.bias, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_error_per_product_is_within_half_a_step() -> None:
@@ -74,7 +102,7 @@ def test_int8_error_per_product_is_within_half_a_step() -> None:
     # at most s[n] / 2 * sum|x| (then the bf16 rounding of the result): the bound that int8 weights promise.
     torch.manual_seed(1)
     linear = torch.nn.Linear(256, 64, bias=False)
-    module = QuantLinear.from_linear(linear, {"weights": "int8", "version": 1})
+    module = QuantLinear.from_linear(linear, quantization_config("int8"))
     x = torch.randn(4, 256).to(torch.bfloat16)
     exact = x.float() @ linear.weight.detach().t()
     bound = module.weight_scale.float() / 2 * x.float().abs().sum(1, keepdim=True)
@@ -144,8 +172,10 @@ def test_quantize_command_and_loading_refusals(tmp_path: Path, capsys: pytest.Ca
     x = torch.randint(1, 64, (1, 4))
     with pytest.raises(QuantizationError, match="cannot be trained"):
         model.train()(x)
+    assert torch.isfinite(model.eval().float()(x).logits).all()  # int8 computes in float32 too
+    int4 = quantize_model(tiny_model(**SHAPE), "int4", GROUP)
     with pytest.raises(QuantizationError, match="bfloat16"):
-        model.eval().float()(x)
+        int4.float()(x)
     with pytest.raises(QuantizationError, match="already quantized"):
         quantize_model(model, "int8")
     assert main(["quantize", "--model", str(tmp_path / "q"), "--weights", "int4", "--out", str(tmp_path / "q2"),
@@ -163,8 +193,7 @@ def test_damaged_quantized_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="parloop_quantization"):
         AutoModelForCausalLM.from_pretrained(target)
     config["parloop_quantization"]["weights"] = "int4"  # int8 tensors under an int4 config: wrong shapes, named
-    config["parloop_quantization"].update(group_size=GROUP, int4_layout=quantize_model(
-        tiny_model(**SHAPE), "int4", GROUP).config.parloop_quantization["int4_layout"])
+    config["parloop_quantization"].update(group_size=GROUP, version=2)
     (target / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="lm_head.weight is I8"):
         AutoModelForCausalLM.from_pretrained(target)
@@ -196,7 +225,7 @@ def test_quantized_head_differs_from_float_head_only_by_rounding() -> None:
     model = tiny_model(**SHAPE)
     weight = model.lm_head.weight.detach().clone()
     quantize_model(model, "int8")
-    x = torch.randn(3, 32).to(torch.bfloat16)
+    x = torch.randn(3, 64).to(torch.bfloat16)
     exact = F.linear(x.float(), weight)
     bound = model.lm_head.weight_scale.float() / 2 * x.float().abs().sum(1, keepdim=True)
     assert ((model.lm_head(x).float() - exact).abs() <= bound + BF16_EPS * exact.abs() + 1e-3).all()

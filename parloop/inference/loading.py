@@ -42,8 +42,10 @@ def _check_quantized_load(model_dir: Path, device: str, dtype: str, weights: str
         raise QuantizationError(f"{model_dir} is already quantized ({stored}); leave out --weights {weights}")
     if device not in ("auto", "cpu"):
         raise QuantizationError(f"quantized weights run on the CPU kernels only: use --device cpu, not {device}")
-    if dtype not in ("auto", "bfloat16"):
-        raise QuantizationError(f"quantized weights compute in bfloat16: use --dtype auto or bfloat16, not {dtype}")
+    allowed = ("auto", "bfloat16", "float32") if (weights or stored) == "int8" else ("auto", "bfloat16")
+    if dtype not in allowed:
+        raise QuantizationError(f"{weights or stored} weights compute in {' or '.join(allowed[1:])}: use --dtype "
+                                f"{' or '.join(allowed)}, not {dtype}")
 
 
 def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto",
@@ -66,5 +68,5 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto",
         device = "cpu" if quantized else "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     if weights is not None:  # from the checkpoint's own dtype, as `parloop quantize` reads it
-        model = quantize_model(model, weights)
+        model = quantize_model(model, weights, dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
     return use_few_row_kernels(model.to(device).eval()), tokenizer

@@ -1,0 +1,258 @@
+// Decode-size matrix products on the CPU: out[M, N] = x[M, K] @ W[N, K]^T for 1..8 rows of x (a decode step's R
+// stacked loop streams), with bf16, int8 (per output channel) or int4 (grouped) weights. See docs/cpu.md.
+//
+// Why not PyTorch's kernels: decode reads every weight once per token, so the time should be the weight bytes over
+// the memory bandwidth whatever the number of rows. aten's bf16 one-row product reaches ~50 % of it on a Zen 4
+// core, and its int8/int4 weight-only kernels pay a fixed ~0.75 / ~1.0 ms of arithmetic per extra row on a
+// 27648 x 5120 product (docs/cpu.md has the measurements). Here each weight block is loaded (and for int4
+// unpacked) once, then multiplied into every row with AVX512-BF16 dot products (VDPBF16PS: bf16 pairs,
+// float32 accumulation) or float32 FMAs, so an extra row costs one instruction per block.
+//
+// Every kernel walks a weight row along K (the checkpoint's own layout, no repacking) and keeps NB rows of W
+// in flight for independent accumulator chains; `at::parallel_for` splits the output rows over torch's threads.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+namespace {
+
+// every loop over rows (m) or weight rows in flight (j) is unrolled, so that accumulators stay in registers
+#define UNROLL _Pragma("GCC unroll 8")
+
+constexpr int64_t kMaxRows = 8;
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+
+// float32 from 16 bfloat16 values (a bf16 is the upper half of a float32)
+inline __m512 load_bf16_as_f32(const c10::BFloat16* p, __mmask16 mask) {
+  __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+inline void store(T* out, float value) { *out = static_cast<T>(value); }
+
+// ---- bf16 weights: 32 inputs per VDPBF16PS ----
+template <int M, int NB, typename T>
+void bf16_rows(const c10::BFloat16* x, const c10::BFloat16* w, T* out, int64_t n0, int64_t N, int64_t K) {
+  __m512 acc[M][NB];
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+    __m512i wv[NB];
+    UNROLL for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + (n0 + j) * K + k);
+    UNROLL for (int m = 0; m < M; ++m) {
+      const __m512bh xv = as_bh(_mm512_maskz_loadu_epi16(mask, x + m * K + k));
+      UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], as_bh(wv[j]), xv);
+    }
+  }
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) store(out + m * N + n0 + j, _mm512_reduce_add_ps(acc[m][j]));
+}
+
+// ---- int8 weights, float32 activations: 16 inputs per FMA, one scale per output row ----
+template <int M, int NB, typename T>
+void int8_rows(const float* x, const int8_t* w, const c10::BFloat16* scale, T* out, int64_t n0, int64_t N,
+               int64_t K) {
+  __m512 acc[M][NB];
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? ~__mmask16(0) : (__mmask16(1) << (K - k)) - 1;
+    __m512 wv[NB];
+    UNROLL for (int j = 0; j < NB; ++j)
+      wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + (n0 + j) * K + k)));
+    UNROLL for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+      UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xv, acc[m][j]);
+    }
+  }
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j)
+      store(out + m * N + n0 + j, _mm512_reduce_add_ps(acc[m][j]) * static_cast<float>(scale[n0 + j]));
+}
+
+// ---- int4 weights in groups of G inputs: w = (q - 8) * s + z, q in 0..15, two per byte (low nibble first) ----
+// A nibble q becomes the bf16 128 + q exactly by OR-ing it into the bits of 128.0 (0x4300), so 64 weights unpack
+// with three instructions. Then per group sum_k x_k w_k = s * sum_k x_k (128 + q_k) + (z - 136 s) * sum_k x_k.
+// The activations come in `xp` permuted per 64 inputs (32 even, then 32 odd positions) to match the nibble order,
+// with their per-group sums in `xsum` [M, K / G].
+template <int M, int NB, typename T>
+void int4_rows(const c10::BFloat16* xp, const float* xsum, const uint8_t* w, const c10::BFloat16* scale,
+               const c10::BFloat16* zero, T* out, int64_t n0, int64_t N, int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  const __m512i low_nibble = _mm512_set1_epi16(0x000F), bits_of_128 = _mm512_set1_epi16(0x4300);
+  __m512 total[M][NB];
+  UNROLL for (int j = 0; j < NB; ++j) {
+    // the offset term, 16 groups at a time, lane by lane into `total` (all lanes are summed at the end)
+    UNROLL for (int m = 0; m < M; ++m) total[m][j] = _mm512_setzero_ps();
+    const int64_t row = (n0 + j) * groups;
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 mask = groups - g >= 16 ? ~__mmask16(0) : (__mmask16(1) << (groups - g)) - 1;
+      const __m512 s = load_bf16_as_f32(scale + row + g, mask), z = load_bf16_as_f32(zero + row + g, mask);
+      const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);
+      UNROLL for (int m = 0; m < M; ++m)
+        total[m][j] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, xsum + m * groups + g), total[m][j]);
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 even[M][NB], odd[M][NB];
+    UNROLL for (int m = 0; m < M; ++m)
+      UNROLL for (int j = 0; j < NB; ++j) even[m][j] = odd[m][j] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+      UNROLL for (int j = 0; j < NB; ++j) {
+        const auto* bytes = reinterpret_cast<const __m256i*>(w + (n0 + j) * (K / 2) + k / 2);
+        const __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes));
+        const __m512i lo = _mm512_ternarylogic_epi32(u, low_nibble, bits_of_128, 0xEA);  // (u & 0xF) | 0x4300
+        const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(u, 4), bits_of_128);
+        UNROLL for (int m = 0; m < M; ++m) {
+          even[m][j] = _mm512_dpbf16_ps(even[m][j], as_bh(lo), as_bh(_mm512_loadu_si512(xp + m * K + k)));
+          odd[m][j] = _mm512_dpbf16_ps(odd[m][j], as_bh(hi), as_bh(_mm512_loadu_si512(xp + m * K + k + 32)));
+        }
+      }
+    }
+    UNROLL for (int j = 0; j < NB; ++j) {
+      const __m512 s = _mm512_set1_ps(static_cast<float>(scale[(n0 + j) * groups + g]));
+      UNROLL for (int m = 0; m < M; ++m)
+        total[m][j] = _mm512_fmadd_ps(_mm512_add_ps(even[m][j], odd[m][j]), s, total[m][j]);
+    }
+  }
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) store(out + m * N + n0 + j, _mm512_reduce_add_ps(total[m][j]));
+}
+
+// Calls f(std::integral_constant<int, M>) for M = rows, so that each row count gets its own unrolled kernel.
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// Weight rows kept in flight per row count: enough independent chains, few enough registers.
+template <int M>
+constexpr int rows_in_flight() { return M == 1 ? 4 : (M <= 4 ? 2 : 1); }
+
+// Runs `rows<M, NB>` over blocks of NB output rows (the last N % NB rows one at a time) on torch's threads.
+template <int M, int NB, typename F1, typename FB>
+void over_rows(int64_t N, FB block, F1 single) {
+  const int64_t blocks = N / NB;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) block(b * NB);
+  });
+  for (int64_t n = blocks * NB; n < N; ++n) single(n);
+}
+
+void check_rows(const at::Tensor& x, int64_t K, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, name, ": x must have 1 to ", kMaxRows,
+              " rows, got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) == K, name, ": x has ", x.size(1), " inputs, the weight ", K);
+  TORCH_CHECK(x.is_contiguous(), name, ": x must be contiguous");
+}
+
+template <typename T>
+void bf16_dispatch(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
+  const int64_t N = w.size(0), K = w.size(1);
+  auto* xp = x.data_ptr<c10::BFloat16>();
+  auto* wp = w.data_ptr<c10::BFloat16>();
+  auto* op = out.data_ptr<T>();
+  auto run = [&](auto rows_tag) {
+    constexpr int M = decltype(rows_tag)::value;
+    constexpr int NB = rows_in_flight<M>();
+    over_rows<M, NB>(
+        N, [&](int64_t n0) { bf16_rows<M, NB, T>(xp, wp, op, n0, N, K); },
+        [&](int64_t n) { bf16_rows<M, 1, T>(xp, wp, op, n, N, K); });
+  };
+  with_rows(x.size(0), run);
+}
+
+}  // namespace
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
+              "linear_bf16: the weight must be a contiguous bfloat16 [N, K] tensor");
+  check_rows(x, w.size(1), "linear_bf16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_bf16: x must be bfloat16");
+  auto out = at::empty({x.size(0), w.size(0)}, x.options());
+  bf16_dispatch<c10::BFloat16>(x, w, out);
+  return out;
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "linear_int8: the weight must be a contiguous int8 [N, K] tensor");
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.numel() == w.size(0) && scale.is_contiguous(),
+              "linear_int8: the scale must be a contiguous bfloat16 [N] tensor");
+  check_rows(x, w.size(1), "linear_int8");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "linear_int8: x must be bfloat16 or float32");
+  const int64_t N = w.size(0), K = w.size(1);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  auto out = at::empty({x.size(0), N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "linear_int8", [&] {
+    auto* op = out.data_ptr<scalar_t>();
+    auto run = [&](auto rows_tag) {
+      constexpr int M = decltype(rows_tag)::value;
+      constexpr int NB = rows_in_flight<M>();
+      const float* xp = xf.data_ptr<float>();
+      const int8_t* wp = w.data_ptr<int8_t>();
+      const c10::BFloat16* sp = scale.data_ptr<c10::BFloat16>();
+      over_rows<M, NB>(
+          N, [&](int64_t n0) { int8_rows<M, NB, scalar_t>(xp, wp, sp, op, n0, N, K); },
+          [&](int64_t n) { int8_rows<M, 1, scalar_t>(xp, wp, sp, op, n, N, K); });
+    };
+    with_rows(x.size(0), run);
+  });
+  return out;
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t group_size) {
+  const int64_t N = w.size(0), K = 2 * w.size(1);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "linear_int4: the weight must be a contiguous uint8 [N, K/2] tensor");
+  TORCH_CHECK(group_size % 64 == 0 && K % group_size == 0, "linear_int4: the group size ", group_size,
+              " must be a multiple of 64 dividing K = ", K);
+  for (const at::Tensor* t : {&scale, &zero})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                    t->size(1) == K / group_size,
+                "linear_int4: scale and zero must be contiguous bfloat16 [N, K / group_size] tensors");
+  check_rows(x, K, "linear_int4");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_int4: x must be bfloat16");
+  const int64_t rows = x.size(0);
+  // [M, K] -> [M, K/64, 32, 2] -> [M, K/64, 2, 32]: each 64 inputs as 32 even then 32 odd positions
+  const at::Tensor xp = x.view({rows, K / 64, 32, 2}).transpose(2, 3).contiguous();
+  const at::Tensor xsum = x.to(at::kFloat).view({rows, K / group_size, group_size}).sum(-1).contiguous();
+  auto out = at::empty({rows, N}, x.options());
+  auto* op = out.data_ptr<c10::BFloat16>();
+  const auto* xpp = xp.data_ptr<c10::BFloat16>();
+  const float* xs = xsum.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const auto* sp = scale.data_ptr<c10::BFloat16>();
+  const auto* zp = zero.data_ptr<c10::BFloat16>();
+  auto run = [&](auto rows_tag) {
+    constexpr int M = decltype(rows_tag)::value;
+    constexpr int NB = rows_in_flight<M>();
+    over_rows<M, NB>(
+        N, [&](int64_t n0) { int4_rows<M, NB, c10::BFloat16>(xpp, xs, wp, sp, zp, op, n0, N, K, group_size); },
+        [&](int64_t n) { int4_rows<M, 1, c10::BFloat16>(xpp, xs, wp, sp, zp, op, n, N, K, group_size); });
+  };
+  with_rows(rows, run);
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_bf16", &linear_bf16, "x[M, K] @ w[N, K]^T for bf16 weights, 1 <= M <= 8");
+  m.def("linear_int8", &linear_int8, "x[M, K] @ (w * scale[:, None])^T for int8 weights, 1 <= M <= 8");
+  m.def("linear_int4", &linear_int4, "x[M, K] @ dequant(w)^T for int4 weights in groups, 1 <= M <= 8");
+  m.attr("max_rows") = kMaxRows;
+}

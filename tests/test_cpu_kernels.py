@@ -1,0 +1,123 @@
+"""parloop's CPU decode kernels (parloop/cpu_kernels.py, parloop/csrc/cpu_kernels.cpp) against float32 products
+of the same numbers, for every row count they take and shapes that leave partial blocks, and the model layers
+that call them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from parloop import cpu_kernels
+from parloop.kernels import use_few_row_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported(), reason="this CPU has no AVX512-BF16")
+BF16_EPS = 2.0**-8
+
+
+@pytest.fixture(scope="module")
+def kernels() -> Any:
+    built = cpu_kernels.kernels()
+    assert built is not None, "the CPU kernels failed to build (see the warning)"
+    return built
+
+
+def within_bf16_rounding(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """`out` is x @ w.T computed in float32 and rounded once to bf16: 2^-8 of sum |x| |w| (plus summation order)."""
+    reference = x.float() @ w.float().t()
+    scale = x.float().abs() @ w.float().abs().t()
+    return bool(((out.float() - reference).abs() <= BF16_EPS * scale + 1e-5).all())
+
+
+# inputs not a multiple of the 32-wide block, outputs not a multiple of the rows kept in flight
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (37, 200), (5, 33), (130, 1024)])
+def test_bf16_kernel_for_every_row_count(kernels: Any, n: int, k: int) -> None:
+    w = torch.randn(n, k).to(torch.bfloat16)
+    for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        out = kernels.linear_bf16(x, w)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+        assert within_bf16_rounding(out, x, w), rows
+
+
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (37, 200), (5, 17)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_kernel_for_every_row_count(kernels: Any, n: int, k: int, dtype: torch.dtype) -> None:
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n) / 50).to(torch.bfloat16)
+    w = q.float() * scale.float()[:, None]
+    for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+        x = torch.randn(rows, k).to(dtype)
+        out = kernels.linear_int8(x, q, scale)
+        assert out.dtype == dtype
+        if dtype == torch.float32:
+            assert torch.allclose(out, x @ w.t(), rtol=1e-5, atol=1e-5), rows
+        else:
+            assert within_bf16_rounding(out, x, w), rows
+
+
+@pytest.mark.parametrize(("n", "k", "group"), [(48, 128, 64), (37, 256, 128), (3, 256, 256), (20, 64 * 36, 64)])
+def test_int4_kernel_for_every_row_count(kernels: Any, n: int, k: int, group: int) -> None:
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    scale = (torch.rand(n, k // group) / 10).to(torch.bfloat16)
+    zero = (torch.randn(n, k // group) / 10).to(torch.bfloat16)
+    w = ((codes.float() - 8).view(n, -1, group) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
+    for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        # the codes carry an offset of 128 inside the kernel, taken out once per group: allow float32 rounding of
+        # those larger sums too
+        out = kernels.linear_int4(x, packed, scale, zero, group)
+        reference = x.float() @ w.t()
+        bound = BF16_EPS * (x.float().abs() @ w.abs().t()) + 1e-5 * (x.float().abs() @ (136 * scale.float()
+                                                                                     ).repeat_interleave(group, 1).t())
+        assert ((out.float() - reference).abs() <= bound + 1e-5).all(), rows
+
+
+def test_kernels_name_what_is_wrong(kernels: Any) -> None:
+    w = torch.randn(16, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        kernels.linear_bf16(torch.randn(9, 64).to(torch.bfloat16), w)
+    with pytest.raises(RuntimeError, match="x has 32 inputs, the weight 64"):
+        kernels.linear_bf16(torch.randn(1, 32).to(torch.bfloat16), w)
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        kernels.linear_bf16(torch.randn(1, 64), w)
+    with pytest.raises(RuntimeError, match="group size 32"):
+        kernels.linear_int4(torch.randn(1, 64).to(torch.bfloat16), torch.zeros(16, 32, dtype=torch.uint8),
+                            torch.ones(16, 2).to(torch.bfloat16), torch.zeros(16, 2).to(torch.bfloat16), 32)
+
+
+def test_bf16_decode_goes_through_the_kernel(kernels: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    class Spy:
+        def linear_bf16(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return kernels.linear_bf16(x, w)
+
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: Spy())
+    model = use_few_row_kernels(tiny_model().to(torch.bfloat16))
+    ids = torch.randint(1, 61, (1, 3))
+    with torch.no_grad():
+        logits = model(ids).logits  # 3 rows per product: the kernel; the float reference below: F.linear
+    assert calls and set(calls) == {3}
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.__class__ = torch.nn.Linear
+        reference = model(ids).logits
+    assert torch.allclose(logits.float(), reference.float(), rtol=0.05, atol=0.05)
+    x = torch.randn(2, 32).to(torch.bfloat16)
+    assert within_bf16_rounding(model.lm_head(x), x, model.lm_head.weight)
+
+
+def test_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    assert cpu_kernels.kernels() is None
+    layer = use_few_row_kernels(torch.nn.Sequential(torch.nn.Linear(32, 8))).to(torch.bfloat16)[0]
+    x = torch.randn(2, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=0.02, atol=0.02)

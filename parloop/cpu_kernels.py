@@ -24,7 +24,8 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 MAX_ROWS = 8  # the kernels' row limit (kMaxRows); more rows (a prefill) go to PyTorch's kernels
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+# -fopenmp: at::parallel_for is inline OpenMP code; without the flag it runs on one thread
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 SWITCH = "PARLOOP_CPU_KERNELS"  # "0" turns the kernels off
 
 
@@ -33,6 +34,7 @@ def cache_dir() -> Path:
     return root / "kernels" / f"torch-{torch.__version__}"
 
 
+@cache
 def cpu_supported() -> bool:
     """Whether this CPU runs the kernels' instructions (AVX512-BF16, which implies AVX512 F/BW/VL)."""
     return bool(torch.cpu._is_avx512_bf16_supported())
@@ -57,7 +59,7 @@ def _build() -> ModuleType | None:
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     try:
-        return load(name="parloop_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS,
+        return load(name="parloop_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                     build_directory=str(directory), verbose=False)
     except (OSError, RuntimeError, ImportError) as error:  # no compiler, no ninja, a failed compile
         warnings.warn(f"parloop: the CPU decode kernels did not build ({error}); decoding falls back to "

@@ -33,7 +33,7 @@ def within_bf16_rounding(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) ->
 
 
 # inputs not a multiple of the 32-wide block, outputs not a multiple of the rows kept in flight
-@pytest.mark.parametrize(("n", "k"), [(48, 64), (37, 200), (5, 33), (130, 1024)])
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (37, 200), (5, 33), (130, 1024), (1003, 96)])  # the last: many threads
 def test_bf16_kernel_for_every_row_count(kernels: Any, n: int, k: int) -> None:
     w = torch.randn(n, k).to(torch.bfloat16)
     for rows in range(1, cpu_kernels.MAX_ROWS + 1):

@@ -4,8 +4,9 @@ A decode step reads every weight once per token, so its time is the weights' byt
 8-bit weights halve it, 4-bit weights (plus a bf16 scale and zero per group of `group_size` inputs) nearly quarter
 it. Decode-sized products (1 to 8 rows: the R stacked rows of a `parallel` step go through one call) run on
 parloop's CPU kernels (`parloop.cpu_kernels`), which unpack each weight block once for all rows; where those cannot
-run (no AVX512-BF16), on PyTorch's own `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu`; a prefill
-(more rows) dequantizes blocks of output rows and multiplies them with PyTorch's matrix product.
+run (no AVX512-BF16), on PyTorch's own `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu`. A short
+prompt goes through the kernels 8 rows at a time; a long one (or a call that wants gradients) dequantizes blocks of
+output rows and multiplies them with PyTorch's matrix product.
 Activations are bfloat16; int8 also takes float32 (the kernels compute in float32 there).
 
 The weights of every decoder layer's linear products (q/k/v/o, gate/up/down) and of the output head are quantized;
@@ -39,7 +40,11 @@ FIELD = "parloop_quantization"  # the config.json field
 # the tensors of a quantized layer and their dtypes in the files, per format
 TENSORS = {"int8": {"weight": torch.int8, "weight_scale": torch.bfloat16},
            "int4": {"weight": torch.uint8, "weight_scale": torch.bfloat16, "weight_zero": torch.bfloat16}}
-DEQUANTIZE_ROWS = 2048  # output rows dequantized at a time for a prefill (bounds the temporary float weight)
+# Up to KERNEL_ROWS rows (a short prompt) go through parloop's kernels 8 rows at a time; more rows dequantize
+# DEQUANTIZE_ROWS output rows at a time and use PyTorch's matrix product, which is faster from about 100 rows on
+# (docs/cpu.md); the block bounds the temporary float weight.
+KERNEL_ROWS = 128
+DEQUANTIZE_ROWS = 2048
 
 
 class QuantizationError(ValueError):
@@ -179,10 +184,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._refuse(x)
         rows = x.reshape(-1, self.in_features).contiguous()
-        kernels = cpu_kernels.kernels() if cpu_kernels.fits(rows) else None
-        if kernels is not None:
-            out = self._kernel(kernels, rows)
-        elif rows.shape[0] <= cpu_kernels.MAX_ROWS:
+        count = rows.shape[0]
+        kernels = None if torch.is_grad_enabled() and x.requires_grad else cpu_kernels.kernels()  # no autograd
+        if kernels is not None and 1 <= count <= KERNEL_ROWS:
+            out = torch.cat([self._kernel(kernels, block) for block in rows.split(cpu_kernels.MAX_ROWS)])
+        elif 1 <= count <= cpu_kernels.MAX_ROWS and not torch.is_grad_enabled():
             out = self._stock(rows)
         else:
             out = self._dequantized(rows)

@@ -77,13 +77,22 @@ def test_kernel_computes_the_quantized_weight_for_any_row_count(weights: str, ke
     assert torch.allclose(dequantized(module), expected, rtol=2 * BF16_EPS, atol=1e-6)
     # the codes decode to the float weight within one step: a layout mix-up (nibble or group order) would not
     assert (expected - linear.weight).abs().max() < module.weight_scale.float().max()
-    for rows in (1, 2, 3, 5, 8, 17):  # one row, the stacked decode's R rows, and a prefill-sized block
+    for rows in (1, 2, 3, 5, 8, 17, 200):  # one row, the stacked decode's R rows, a short and a long prompt
         x = torch.randn(rows, 128).to(torch.bfloat16)
         reference = x.float() @ expected.t()
         # the kernels multiply exact products and round the result to bf16 once: at most 2^-8 of sum |x| |w|
         # apart from the float32 product (plus float32 summation order)
         scale = x.float().abs() @ expected.abs().t()
         assert ((module(x).float() - reference).abs() <= BF16_EPS * scale + 1e-4).all(), rows
+
+
+def test_gradients_reach_the_input_of_a_quantized_layer(kernel_path: str) -> None:
+    # the kernels have no backward: a call that wants gradients must take the differentiable path, not drop them
+    module = QuantLinear.from_linear(torch.nn.Linear(128, 16), quantization_config("int4", GROUP))
+    x = torch.randn(2, 128).to(torch.bfloat16).requires_grad_()
+    module(x).float().sum().backward()
+    expected = stored_weight(module).sum(0).expand(2, -1)
+    assert x.grad is not None and torch.allclose(x.grad.float(), expected, rtol=0.02, atol=0.02)
 
 
 def test_int8_takes_float32_activations(kernel_path: str) -> None:

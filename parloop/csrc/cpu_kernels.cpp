@@ -147,7 +147,9 @@ void with_rows(int64_t rows, F&& f) {
 // bandwidth on Zen 4 (four reach ~75 %), as long as the accumulators (M x NB, twice for int4) fit the 32 registers.
 // Measured on the 27648 x 5120 product, 2 threads (docs/cpu.md).
 template <int M>
-constexpr int float_rows_in_flight() { return M <= 2 ? 8 : (M == 3 ? 6 : (M == 4 ? 4 : 3)); }
+constexpr int bf16_rows_in_flight() { return M <= 3 ? 8 : (M == 4 ? 6 : 3); }
+template <int M>
+constexpr int int8_rows_in_flight() { return M <= 2 ? 8 : (M == 3 ? 6 : (M == 4 ? 4 : 3)); }
 template <int M>
 constexpr int int4_rows_in_flight() { return M <= 2 ? 8 : (M <= 4 ? 3 : 1); }
 
@@ -176,7 +178,7 @@ void bf16_dispatch(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   auto* op = out.data_ptr<T>();
   auto run = [&](auto rows_tag) {
     constexpr int M = decltype(rows_tag)::value;
-    constexpr int NB = float_rows_in_flight<M>();
+    constexpr int NB = bf16_rows_in_flight<M>();
     over_rows<M, NB>(
         N, [&](int64_t n0) { bf16_rows<M, NB, T>(xp, wp, op, n0, N, K); },
         [&](int64_t n) { bf16_rows<M, 1, T>(xp, wp, op, n, N, K); });
@@ -211,7 +213,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     auto* op = out.data_ptr<scalar_t>();
     auto run = [&](auto rows_tag) {
       constexpr int M = decltype(rows_tag)::value;
-      constexpr int NB = float_rows_in_flight<M>();
+      constexpr int NB = int8_rows_in_flight<M>();
       const float* xp = xf.data_ptr<float>();
       const int8_t* wp = w.data_ptr<int8_t>();
       const c10::BFloat16* sp = scale.data_ptr<c10::BFloat16>();

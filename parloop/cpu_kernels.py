@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.utils.cpp_extension import load
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 MAX_ROWS = 8  # the kernels' row limit (kMaxRows); more rows (a prefill) go to PyTorch's kernels
@@ -47,8 +48,6 @@ def enabled() -> bool:
 
 @cache
 def _build() -> ModuleType | None:
-    from torch.utils.cpp_extension import load  # imports setuptools machinery: only when a build is needed
-
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):

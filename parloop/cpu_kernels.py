@@ -84,7 +84,8 @@ def build() -> bool:
     return kernels() is not None
 
 
-if __name__ == "__main__":
+def report_build() -> None:
+    """Build the kernels now and say so (scripts/setup.sh runs this)."""
     if not cpu_supported():
         print("parloop: this CPU has no AVX512-BF16; decoding uses PyTorch's kernels")
     else:

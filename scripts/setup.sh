@@ -22,4 +22,4 @@ for pkg in torchvision torchaudio torchcodec; do
   fi
 done
 # parloop's CPU decode kernels are compiled once per machine (about a minute); doing it here spares the first run
-.venv/bin/python -m parloop.cpu_kernels
+.venv/bin/python -c "from parloop.cpu_kernels import report_build; report_build()"

@@ -38,7 +38,8 @@ def cache_dir() -> Path:
 @cache
 def cpu_supported() -> bool:
     """Whether this CPU runs the kernels' instructions (AVX512-BF16, which implies AVX512 F/BW/VL)."""
-    return bool(torch.cpu._is_avx512_bf16_supported())
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # a private helper: absent means unknown, so no
+    return bool(probe and probe())
 
 
 def enabled() -> bool:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.cpp_extension import load
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-MAX_ROWS = 8  # the kernels' row limit (kMaxRows); more rows (a prefill) go to PyTorch's kernels
+MAX_ROWS = 8  # rows per kernel call (kMaxRows in the C++); callers split or route longer inputs
 # -fopenmp: at::parallel_for is inline OpenMP code; without the flag it runs on one thread
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 SWITCH = "PARLOOP_CPU_KERNELS"  # "0" turns the kernels off
@@ -63,7 +63,7 @@ def _build() -> ModuleType | None:
                     build_directory=str(directory), verbose=False)
     except (OSError, RuntimeError, ImportError) as error:  # no compiler, no ninja, a failed compile
         warnings.warn(f"parloop: the CPU decode kernels did not build ({error}); decoding falls back to "
-                      f"PyTorch's kernels (slower, same results). Set {SWITCH}=0 to silence this.", stacklevel=3)
+                      f"PyTorch's kernels (the same products, slower). Set {SWITCH}=0 to silence this.", stacklevel=3)
         return None
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from parloop import plt
-from parloop.quant import FIELD, HEAD, LAYER_LINEARS, TENSORS
+from parloop.quant import FIELD, HEAD, LAYER_LINEARS, TENSORS, stored_quantization
 
 
 class CheckpointError(ValueError):
@@ -52,8 +52,7 @@ QUANTIZED_DTYPES = {weights: {name: SAFETENSORS_DTYPES[dtype] for name, dtype in
 
 def check_quantized_dtypes(directory: Path) -> None:
     """Fail, naming the tensor, if a quantized checkpoint stores a quantized layer's tensor in the wrong dtype."""
-    config_file = directory / "config.json"
-    weights = (json.loads(config_file.read_text()).get(FIELD) or {}).get("weights") if config_file.exists() else None
+    weights = (stored_quantization(directory) or {}).get("weights")
     if weights not in QUANTIZED_DTYPES:
         return
     expected = QUANTIZED_DTYPES[weights]

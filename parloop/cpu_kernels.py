@@ -73,16 +73,10 @@ def kernels() -> ModuleType | None:
 
 
 def fits(x: torch.Tensor) -> bool:
-    """Whether a product with `x` (any leading shape, inputs last) is decode-sized work for these kernels:
-    on the CPU, 1..MAX_ROWS rows, and no gradient wanted."""
+    """Whether a product with `x` (any leading shape, inputs last) is decode-sized work for these kernels: on the
+    CPU, 1..MAX_ROWS rows (the kernels have no backward: callers also check that no gradient is wanted)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (x.device.type == "cpu" and 1 <= rows <= MAX_ROWS
-            and not (torch.is_grad_enabled() and x.requires_grad))
-
-
-def build() -> bool:
-    """Compile now (setup does this so that the first decode does not wait); True when the kernels are usable."""
-    return kernels() is not None
+    return x.device.type == "cpu" and 1 <= rows <= MAX_ROWS
 
 
 def report_build() -> None:
@@ -90,4 +84,4 @@ def report_build() -> None:
     if not cpu_supported():
         print("parloop: this CPU has no AVX512-BF16; decoding uses PyTorch's kernels")
     else:
-        print("parloop: CPU decode kernels " + ("ready" if build() else "NOT built (see the warning)"))
+        print("parloop: CPU decode kernels " + ("ready" if kernels() is not None else "NOT built (see the warning)"))

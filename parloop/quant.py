@@ -21,6 +21,8 @@ int4, `X.weight_zero` (bf16 `[N, K/group]`), all loaded by `from_pretrained` wit
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,6 +115,17 @@ def quantize_weight(weight: torch.Tensor, config: dict[str, Any]) -> dict[str, t
     return quantize_int4(weight, config["group_size"])
 
 
+def unpack_int4(weight: torch.Tensor) -> torch.Tensor:
+    """The int4 codes `[N, K]` (uint8, 0..15) of a packed weight `[N, K/2]`: the even input in the low nibble."""
+    return torch.stack([weight & 15, weight >> 4], dim=-1).view(weight.shape[0], -1)
+
+
+def stored_quantization(model_dir: Path) -> dict[str, Any] | None:
+    """The `parloop_quantization` value of a model directory's config.json (None: float weights, or no config)."""
+    config = Path(model_dir) / "config.json"
+    return json.loads(config.read_text()).get(FIELD) if config.is_file() else None
+
+
 def dequantize(tensors: dict[str, torch.Tensor], config: dict[str, Any], rows: slice = slice(None),
                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The float weight `[N, K]` (or its output `rows`) that quantized `tensors` stand for."""
@@ -120,7 +133,7 @@ def dequantize(tensors: dict[str, torch.Tensor], config: dict[str, Any], rows: s
     if config["weights"] == "int8":
         return weight.to(dtype) * scale.to(dtype)[:, None]
     n, group = weight.shape[0], config["group_size"]
-    codes = torch.stack([weight & 15, weight >> 4], dim=-1).view(n, -1, group).to(dtype)  # [N, K/G, G]
+    codes = unpack_int4(weight).view(n, -1, group).to(dtype)  # [N, K/G, G]
     zero = tensors["weight_zero"][rows].to(dtype)
     return ((codes - 8) * scale.to(dtype)[..., None] + zero[..., None]).view(n, -1)
 
@@ -185,10 +198,13 @@ class QuantLinear(nn.Module):
         self._refuse(x)
         rows = x.reshape(-1, self.in_features).contiguous()
         count = rows.shape[0]
-        kernels = None if torch.is_grad_enabled() and x.requires_grad else cpu_kernels.kernels()  # no autograd
-        if kernels is not None and 1 <= count <= KERNEL_ROWS:
+        wants_grad = torch.is_grad_enabled() and x.requires_grad  # neither kernel has a backward
+        kernels = None if wants_grad else cpu_kernels.kernels()
+        if kernels is not None and 1 <= count <= cpu_kernels.MAX_ROWS:
+            out = self._kernel(kernels, rows)
+        elif kernels is not None and count <= KERNEL_ROWS:
             out = torch.cat([self._kernel(kernels, block) for block in rows.split(cpu_kernels.MAX_ROWS)])
-        elif 1 <= count <= cpu_kernels.MAX_ROWS and not torch.is_grad_enabled():
+        elif 1 <= count <= cpu_kernels.MAX_ROWS and not wants_grad:
             out = self._stock(rows)
         else:
             out = self._dequantized(rows)
@@ -210,8 +226,7 @@ class QuantLinear(nn.Module):
                 self.weight = self.weight.clone()
             return torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
         if self._stock_int4 is None:  # aten's own packing of the codes: a second copy of the weight in memory
-            codes = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).view(self.out_features, -1)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 2)
             scale_zeros = torch.stack([self.weight_scale.t(), self.weight_zero.t()], dim=-1).contiguous()
             self._stock_int4 = (packed, scale_zeros)
         packed, scale_zeros = self._stock_int4

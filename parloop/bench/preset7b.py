@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from parloop.config import PLTConfig
 from parloop.model import PLTDecoderLayer
-from parloop.quant import FIELD, quantization_config
+from parloop.quant import quantization_config, stored_quantization
 from parloop.quant_checkpoint import quantize_checkpoint, write_aligned
 
 # the released LoopCoder-V2 config (docs/design.md §4): 7.6B parameters
@@ -92,17 +92,13 @@ def build_checkpoint(directory: Path, shape: dict[str, Any], seed: int = 0, prog
     return directory
 
 
-def _stored_quantization(directory: Path) -> Any:
-    return json.loads((directory / "config.json").read_text()).get(FIELD)
-
-
 def checkpoint_for(weights: str, root: Path, shape: dict[str, Any], progress: bool = True) -> Path:
     """The directory of the 7b checkpoint in `weights` (bf16, int8, int4), built first if it is not complete."""
     source = build_checkpoint(root / "bf16", shape, progress=progress)
     if weights == "bf16":
         return source
     target = root / weights
-    if (target / DONE_FILE).exists() and _stored_quantization(target) != quantization_config(weights):
+    if (target / DONE_FILE).exists() and stored_quantization(target) != quantization_config(weights):
         shutil.rmtree(target)  # written by an older parloop in another format: quantized again
     if not (target / DONE_FILE).exists():
         quantize_checkpoint(source, target, weights, progress=progress)

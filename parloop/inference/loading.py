@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parloop  # noqa: F401  (registers the model type with the Auto classes)
 from parloop.kernels import use_few_row_kernels
-from parloop.quant import FIELD, FORMATS, QuantizationError, quantize_model
+from parloop.quant import FORMATS, QuantizationError, quantize_model, stored_quantization
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -30,7 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def stored_weights(model_dir: Path) -> str | None:
     """The quantized format a model directory stores (int8, int4), None for float weights."""
-    return (json.loads((model_dir / "config.json").read_text()).get(FIELD) or {}).get("weights")
+    return (stored_quantization(model_dir) or {}).get("weights")
 
 
 def _check_quantized_load(model_dir: Path, device: str, dtype: str, weights: str | None) -> None:

@@ -25,6 +25,20 @@ def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, k_valid: torch.Tenso
     return ((allowed[None] & k_valid[:, None, :]) | (diff == 0)[None])[:, None]
 
 
+# Up to this many query rows, a CPU call folds each KV head's query heads into its query rows (see `attend`).
+FOLD_MAX_ROWS = 32
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax attention with grouped KV heads: q `[B, H, Tq, hd]`, k/v `[B, Hkv, Tk, hd]`, mask `[B, 1, Tq, Tk]`."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    B, H, T, hd = q.shape
+    Hkv = k.shape[1]
+    if H == Hkv or q.device.type != "cpu" or T > FOLD_MAX_ROWS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
+    # A decode step has one query row per head (or R): PyTorch's CPU kernel with enable_gqa then costs 4-9x what
+    # the same kernel costs with the H / Hkv query heads of a KV head stacked as its rows (docs/cpu.md). Query head
+    # h uses KV head h // (H / Hkv), so the stacking is a view; every stacked row keeps its own mask row.
+    group = H // Hkv
+    rows = q.reshape(B, Hkv, group * T, hd)
+    row_mask = mask[:, :, None].expand(B, 1, group, T, mask.shape[-1]).reshape(B, 1, group * T, -1)
+    return F.scaled_dot_product_attention(rows, k, v, attn_mask=row_mask).view(B, H, T, hd)

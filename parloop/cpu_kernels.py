@@ -3,11 +3,11 @@
 A decode step multiplies 1 to 8 rows (its R stacked loop streams) by every weight. PyTorch's CPU kernels leave
 bandwidth unused there (bf16: ~50 % of copy bandwidth for one row) and charge each extra row a fixed share of
 arithmetic (int8/int4 weight-only); these kernels load each weight block once and multiply it into every row with
-AVX512-BF16 dot products (docs/cpu.md has the side-by-side measurements that justify them).
+AVX512-BF16 or AVX512-VNNI dot products (docs/cpu.md has the side-by-side measurements that justify them).
 
 They are built with `torch.utils.cpp_extension` the first time they are needed (about a minute; `scripts/setup.sh`
 does it ahead) into `$PARLOOP_CACHE/kernels` (default `~/.cache/parloop/kernels`) and run only where the CPU has
-AVX512-BF16. Elsewhere, or with `PARLOOP_CPU_KERNELS=0`, or if the build fails (a warning says why), the callers
+AVX512-BF16 and AVX512-VNNI. Elsewhere, or with `PARLOOP_CPU_KERNELS=0`, or if the build fails (a warning says why), the callers
 use PyTorch's own kernels: the same products, slower.
 """
 
@@ -26,7 +26,7 @@ from torch.utils.cpp_extension import load
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 MAX_ROWS = 8  # rows per kernel call (kMaxRows in the C++); callers split or route longer inputs
 # -fopenmp: at::parallel_for is inline OpenMP code; without the flag it runs on one thread
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma"]
 SWITCH = "PARLOOP_CPU_KERNELS"  # "0" turns the kernels off
 
 
@@ -37,9 +37,10 @@ def cache_dir() -> Path:
 
 @cache
 def cpu_supported() -> bool:
-    """Whether this CPU runs the kernels' instructions (AVX512-BF16, which implies AVX512 F/BW/VL)."""
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # a private helper: absent means unknown, so no
-    return bool(probe and probe())
+    """Whether this CPU runs the kernels' instructions: AVX512-BF16 (which implies AVX512 F/BW/VL) and AVX512-VNNI
+    (every CPU with AVX512-BF16 so far has it)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_vnni_supported")]
+    return all(probe is not None and probe() for probe in probes)  # private helpers: absent means unknown, so no
 
 
 def enabled() -> bool:

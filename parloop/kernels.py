@@ -166,31 +166,35 @@ def layout_switches() -> dict[tuple, int]:
     return {key: t.switches for key, t in _tunings.items() if t.best is not None}
 
 
-class FewRowLinear(nn.Linear):
-    """`nn.Linear` whose CPU inference calls with a few rows go through parloop's bf16 kernel (bf16 weights, where
-    the CPU has AVX512-BF16: `parloop.cpu_kernels`) or else `few_rows_linear`.
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, with CPU inference calls of a few rows through parloop's bf16 kernel (bf16
+    weights, where the CPU has AVX512-BF16: `parloop.cpu_kernels`) or else `few_rows_linear`. Training, GPUs, many
+    rows and compiled steps use `F.linear` (their own kernels are already good)."""
+    if not cpu_kernels.fits(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, weight.shape[1])
+    kernels = cpu_kernels.kernels() if x.dtype == weight.dtype == torch.bfloat16 else None
+    if kernels is not None and weight.is_contiguous():
+        out = kernels.linear_bf16(flat.contiguous(), weight)
+    else:
+        out = few_rows_linear(flat, weight)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
 
-    Installed into a model by `use_few_row_kernels`; weights, names and state dict are those of `nn.Linear`.
-    Training, GPUs, many rows and compiled steps use `F.linear` (their own kernels are already good).
-    """
+
+class FewRowLinear(nn.Linear):
+    """`nn.Linear` whose products go through `decode_linear`; installed into a model by `use_few_row_kernels`.
+    Weights, names and state dict are those of `nn.Linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if not cpu_kernels.fits(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features)
-        kernels = cpu_kernels.kernels() if x.dtype == self.weight.dtype == torch.bfloat16 else None
-        if kernels is not None and self.weight.is_contiguous():
-            out = kernels.linear_bf16(flat.contiguous(), self.weight)
-        else:
-            out = few_rows_linear(flat, self.weight)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return decode_linear(x, self.weight, self.bias)
 
 
 def use_few_row_kernels(model: nn.Module) -> nn.Module:
-    """Make every `nn.Linear` of `model` a `FewRowLinear` (in place; returns the model), for CPU decoding.
+    """Make every `nn.Linear` of `model` a `FewRowLinear`, and give `decode_linear` to every module that makes a
+    product with its own weights through an attribute `linear` (the G-SWA gate), in place; returns the model. For
+    CPU decoding.
 
     A stacked `parallel` decode step multiplies each weight by R rows; this keeps that as cheap as one row on CPU
     BLAS libraries that are slow for a few rows. Results equal `nn.Linear`'s up to summation order.
@@ -198,4 +202,6 @@ def use_few_row_kernels(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FewRowLinear
+        elif getattr(module, "linear", None) is F.linear:
+            module.linear = decode_linear
     return model

@@ -126,6 +126,8 @@ class PLTGate(nn.Module):
     Hidden-state gate: `g = sigmoid(w @ gate_norm(h_in) + b)[h]` with the block input before input_layernorm.
     """
 
+    linear: Callable[..., torch.Tensor] = staticmethod(F.linear)  # parloop.kernels.use_few_row_kernels swaps it
+
     def __init__(self, config: PLTConfig) -> None:
         super().__init__()
         self.use_hidden_states = config.plt_gate_use_hidden_states
@@ -138,7 +140,7 @@ class PLTGate(nn.Module):
     def forward(self, q: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
         """q `[B, S, H, T, hd]`, h_in `[B, S, T, d]` -> g `[B, S, H, T, 1]`."""
         if self.use_hidden_states:
-            logits = F.linear(self.gate_norm(h_in), self.weight, self.bias).transpose(-1, -2)
+            logits = self.linear(self.gate_norm(h_in), self.weight, self.bias).transpose(-1, -2)
         else:
             logits = torch.einsum("bshtd,hd->bsht", q, self.weight) + self.bias[:, None]
         return torch.sigmoid(logits)[..., None]

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import parloop  # noqa: F401  (registers the model type with the Auto classes)
 from parloop import CheckpointError, ConfigError, PLTConfig, PLTForCausalLM
+from parloop.checkpoint import read_into_page_cache
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
@@ -83,6 +84,43 @@ def test_loopcoder_layout_loads_as_is(tmp_path: Path, hidden_gate: bool, shards:
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0]
     assert (logits - reference_logits(model, ids).float()).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_embedding_bytes_are_read_once_from_their_own_shard(tmp_path: Path, shards: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = loopcoder_layout(tmp_path, False, shards)
+    embedding = weights["model.embed_tokens.weight"]
+    monkeypatch.setattr("parloop.checkpoint.PAGE_CACHE_CHUNK", 1000)  # several reads, the last one partial
+    reads: list[bytes] = []
+    real_open = open
+
+    def recording_open(path, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
+        handle = real_open(path, mode, *args, **kwargs)
+        real_readinto = handle.readinto
+
+        class Recorder:
+            def __getattr__(self, name: str):  # noqa: ANN204
+                return getattr(handle, name)
+
+            def __enter__(self):  # noqa: ANN204
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                handle.close()
+
+            def readinto(self, view: memoryview) -> int:
+                got = real_readinto(view)
+                reads.append(bytes(view[:got]))
+                return got
+        return Recorder()
+
+    monkeypatch.setattr("builtins.open", recording_open)
+    assert read_into_page_cache(tmp_path) == embedding.numel() * embedding.element_size()
+    assert b"".join(reads) == embedding.contiguous().view(torch.uint8).numpy().tobytes()
+    assert len(reads) > 1 and max(len(r) for r in reads) <= 1000
+    assert read_into_page_cache(tmp_path, "model.no_such.weight") == 0
+    assert read_into_page_cache(tmp_path / "missing") == 0
 
 
 @pytest.mark.parametrize(("overrides", "field", "allowed"), [

@@ -95,19 +95,22 @@ def test_bf16_decode_goes_through_the_kernel(kernels: Any, monkeypatch: pytest.M
 
     class Spy:
         def linear_bf16(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            calls.append(x.shape[0])
+            calls.append((x.shape[0], w.shape[0]))
             return kernels.linear_bf16(x, w)
 
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: Spy())
-    model = use_few_row_kernels(tiny_model().to(torch.bfloat16))
+    model = use_few_row_kernels(tiny_model(plt_gate_use_hidden_states=True).to(torch.bfloat16))
     ids = torch.randint(1, 61, (1, 3))
     with torch.no_grad():
         logits = model(ids).logits  # 3 rows per product: the kernel; the float reference below: F.linear
-    assert calls and set(calls) == {3}
+    assert calls and {rows for rows, _ in calls} == {3}
+    heads = model.config.num_attention_heads
+    assert (3, heads) in calls  # the hidden-state gate of the second loop (parloop.model.PLTGate)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 module.__class__ = torch.nn.Linear
+            module.__dict__.pop("linear", None)  # the gate's own F.linear again
         reference = model(ids).logits
     assert torch.allclose(logits.float(), reference.float(), rtol=0.05, atol=0.05)
     x = torch.randn(2, 32).to(torch.bfloat16)

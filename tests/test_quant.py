@@ -266,6 +266,7 @@ def test_bench_7b_path_on_a_tiny_shape(tmp_path: Path, capsys: pytest.CaptureFix
         assert row["ratio_to_bf16"] == pytest.approx(row["decode_ms_per_token"] / bf16_row["decode_ms_per_token"],
                                                      rel=1e-3)
         assert row["bytes_per_step"] < bf16_row["bytes_per_step"]
+    assert int8["page_cache_bytes"] == shape["vocab_size"] * shape["hidden_size"] * 2  # the bf16 embedding
     assert "int8    parallel" in format_7b_table(result)
     assert main(["bench", "--preset", "100m", "--weights", "int8"]) == 2
     assert "--weights applies to --preset 7b" in capsys.readouterr().err

@@ -5,8 +5,10 @@
 // the memory bandwidth whatever the number of rows. aten's bf16 one-row product reaches ~50 % of it on a Zen 4
 // core, and its int8/int4 weight-only kernels pay a fixed ~0.75 / ~1.0 ms of arithmetic per extra row on a
 // 27648 x 5120 product (docs/cpu.md has the measurements). Here each weight block is loaded (and for int4
-// unpacked) once, then multiplied into every row with AVX512-BF16 dot products (VDPBF16PS: bf16 pairs,
-// float32 accumulation) or float32 FMAs, so an extra row costs one instruction per block.
+// unpacked) once, then multiplied into every row with AVX512-BF16 dot products (VDPBF16PS: bf16 pairs, float32
+// accumulation; bf16 and int4 weights), AVX512-VNNI integer dot products (VPDPWSSD: int8 weights, activations
+// rounded to 16-bit integers) or float32 FMAs (int8 weights, float32 activations), so an extra row costs one
+// instruction per block.
 //
 // Every kernel walks a weight row along K (the checkpoint's own layout, no repacking) and keeps NB rows of W
 // in flight: independent accumulator chains, and enough concurrent memory streams to reach the bandwidth.
@@ -80,6 +82,85 @@ void int8_rows(const float* x, const int8_t* w, const c10::BFloat16* scale, T* o
       store(out + m * N + n0 + j, _mm512_reduce_add_ps(acc[m][j]) * static_cast<float>(scale[n0 + j]));
 }
 
+// ---- int8 weights, bf16 activations: 16-bit integer dot products, 32 inputs per VPDPWSSD ----
+// Converting int8 weights to floats costs three instructions per 16 of them, which leaves the product well short
+// of the memory bandwidth from two rows on. Instead the activations become 16-bit integers, and each 32 weights
+// need one sign extension before VPDPWSSD multiplies them into every row (pairs of int16 products summed into 16
+// int32 lanes). Lane l of every 32-input step takes inputs k with (k mod 32) / 2 = l, its *class*: each row of x
+// gets one scale per class, s = max |x| over the class / 32767, so that an outlier coarsens only its own class, and
+// rounding to 16 bits is finer than bf16's own 8 bits for every input above 1/128 of its class's largest. The
+// int32 sums are moved to float32 every kChunk inputs, before they could overflow (kChunk / 32 * 2 * 127 * 32767
+// < 2^31).
+constexpr int64_t kChunk = 4096;
+
+inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+  // GCC 12 copies each accumulator around the _mm512_dpwssd_epi32 intrinsic, doubling the loop's instructions
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// x [M, K] as 16-bit integers x / scale [M, Kp] (Kp: K rounded up to 32, padded with zeros) and the scales
+// [M, 16], one per lane class (see above).
+void quantize_rows(const c10::BFloat16* x, int64_t M, int64_t K, int64_t Kp, int16_t* x16, float* scales) {
+  for (int64_t m = 0; m < M; ++m) {
+    const c10::BFloat16* row = x + m * K;
+    auto load = [&](int64_t k) {  // 16 inputs as float32, zero past K
+      const __mmask16 mask = k >= K ? 0 : (K - k >= 16 ? ~__mmask16(0) : (__mmask16(1) << (K - k)) - 1);
+      return load_bf16_as_f32(row + std::min(k, K), mask);
+    };
+    __m512 peak[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < Kp; k += 32)
+      for (int h = 0; h < 2; ++h) peak[h] = _mm512_max_ps(peak[h], _mm512_abs_ps(load(k + 16 * h)));
+    // lane i of peak[h] holds the inputs with k mod 32 = 16 h + i: class 8 h + i / 2
+    alignas(64) float lanes[32], inverse[32];
+    _mm512_store_ps(lanes, peak[0]);
+    _mm512_store_ps(lanes + 16, peak[1]);
+    for (int c = 0; c < 16; ++c) {
+      const float top = std::max(lanes[2 * c], lanes[2 * c + 1]);
+      const float s = top > 0 ? top / 32767.f : 1.f;
+      scales[m * 16 + c] = s;
+      inverse[2 * c] = inverse[2 * c + 1] = 1.f / s;
+    }
+    const __m512i limit = _mm512_set1_epi32(32767), negative_limit = _mm512_set1_epi32(-32767);
+    for (int64_t k = 0; k < Kp; k += 32)
+      for (int h = 0; h < 2; ++h) {
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load(k + 16 * h), _mm512_load_ps(inverse + 16 * h)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + m * Kp + k + 16 * h),
+                            _mm512_cvtepi32_epi16(_mm512_max_epi32(_mm512_min_epi32(v, limit), negative_limit)));
+      }
+  }
+}
+
+template <int M, int NB>
+void int8_dot_rows(const int16_t* x16, const float* xs, int64_t Kp, const int8_t* w, const c10::BFloat16* scale,
+                   c10::BFloat16* out, int64_t n0, int64_t N, int64_t K) {
+  __m512 total[M][NB];
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) total[m][j] = _mm512_setzero_ps();
+  for (int64_t chunk = 0; chunk < K; chunk += kChunk) {
+    __m512i acc[M][NB];
+    UNROLL for (int m = 0; m < M; ++m)
+      UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+    for (int64_t k = chunk; k < std::min(K, chunk + kChunk); k += 32) {
+      const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+      __m512i xv[M];
+      UNROLL for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(x16 + m * Kp + k);
+      UNROLL for (int j = 0; j < NB; ++j) {
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + (n0 + j) * K + k));
+        UNROLL for (int m = 0; m < M; ++m) acc[m][j] = dpwssd(acc[m][j], xv[m], wv);
+      }
+    }
+    UNROLL for (int m = 0; m < M; ++m)
+      UNROLL for (int j = 0; j < NB; ++j) total[m][j] = _mm512_add_ps(total[m][j], _mm512_cvtepi32_ps(acc[m][j]));
+  }
+  UNROLL for (int m = 0; m < M; ++m) {
+    const __m512 class_scales = _mm512_loadu_ps(xs + m * 16);
+    UNROLL for (int j = 0; j < NB; ++j)
+      store(out + m * N + n0 + j,
+            _mm512_reduce_add_ps(_mm512_mul_ps(total[m][j], class_scales)) * static_cast<float>(scale[n0 + j]));
+  }
+}
+
 // ---- int4 weights in groups of G inputs: w = (q - 8) * s + z, q in 0..15, two per byte (low nibble first) ----
 // A nibble q becomes the bf16 128 + q exactly by OR-ing it into the bits of 128.0 (0x4300), so 64 weights unpack
 // with three instructions. Then per group sum_k x_k w_k = s * sum_k x_k (128 + q_k) + (z - 136 s) * sum_k x_k.
@@ -150,6 +231,8 @@ template <int M>
 constexpr int bf16_rows_in_flight() { return M <= 3 ? 8 : (M == 4 ? 6 : 3); }
 template <int M>
 constexpr int int8_rows_in_flight() { return M <= 2 ? 8 : (M == 3 ? 6 : (M == 4 ? 4 : 3)); }
+template <int M>  // M NB accumulators and M activation vectors
+constexpr int int8_dot_rows_in_flight() { return M <= 3 ? 8 : (M == 4 ? 6 : (M <= 6 ? 3 : 2)); }
 template <int M>
 constexpr int int4_rows_in_flight() { return M <= 2 ? 8 : (M <= 4 ? 3 : 1); }
 
@@ -206,22 +289,34 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   check_rows(x, w.size(1), "linear_int8");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "linear_int8: x must be bfloat16 or float32");
-  const int64_t N = w.size(0), K = w.size(1);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  auto out = at::empty({x.size(0), N}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "linear_int8", [&] {
-    auto* op = out.data_ptr<scalar_t>();
-    auto run = [&](auto rows_tag) {
+  const int64_t N = w.size(0), K = w.size(1), rows = x.size(0);
+  auto out = at::empty({rows, N}, x.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const c10::BFloat16* sp = scale.data_ptr<c10::BFloat16>();
+  if (x.scalar_type() == at::kFloat) {
+    const float* xp = x.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    with_rows(rows, [&](auto rows_tag) {
       constexpr int M = decltype(rows_tag)::value;
-      constexpr int NB = int8_rows_in_flight<M>();
-      const float* xp = xf.data_ptr<float>();
-      const int8_t* wp = w.data_ptr<int8_t>();
-      const c10::BFloat16* sp = scale.data_ptr<c10::BFloat16>();
-      over_rows<M, NB>(
-          N, [&](int64_t n0) { int8_rows<M, NB, scalar_t>(xp, wp, sp, op, n0, N, K); },
-          [&](int64_t n) { int8_rows<M, 1, scalar_t>(xp, wp, sp, op, n, N, K); });
-    };
-    with_rows(x.size(0), run);
+      over_rows<M, int8_rows_in_flight<M>()>(
+          N, [&](int64_t n0) { int8_rows<M, int8_rows_in_flight<M>(), float>(xp, wp, sp, op, n0, N, K); },
+          [&](int64_t n) { int8_rows<M, 1, float>(xp, wp, sp, op, n, N, K); });
+    });
+    return out;
+  }
+  const int64_t Kp = (K + 31) / 32 * 32;
+  auto x16 = at::empty({rows, Kp}, x.options().dtype(at::kShort));
+  auto scales = at::empty({rows, 16}, x.options().dtype(at::kFloat));
+  int16_t* xq = x16.data_ptr<int16_t>();
+  float* xs = scales.data_ptr<float>();
+  quantize_rows(x.data_ptr<c10::BFloat16>(), rows, K, Kp, xq, xs);
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  with_rows(rows, [&](auto rows_tag) {
+    constexpr int M = decltype(rows_tag)::value;
+    constexpr int NB = int8_dot_rows_in_flight<M>();
+    over_rows<M, NB>(
+        N, [&](int64_t n0) { int8_dot_rows<M, NB>(xq, xs, Kp, wp, sp, op, n0, N, K); },
+        [&](int64_t n) { int8_dot_rows<M, 1>(xq, xs, Kp, wp, sp, op, n, N, K); });
   });
   return out;
 }

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parloop  # noqa: F401  (registers the model type with the Auto classes)
+from parloop.checkpoint import read_into_page_cache
 from parloop.kernels import use_few_row_kernels
 from parloop.quant import FORMATS, QuantizationError, quantize_model, stored_quantization
 
@@ -68,4 +69,6 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto",
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     if weights is not None:  # from the checkpoint's own dtype, as `parloop quantize` reads it
         model = quantize_model(model, weights, dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
+    if device == "cpu":
+        read_into_page_cache(model_dir)  # else each new token's embedding row waits on the disk
     return use_few_row_kernels(model.to(device).eval()), tokenizer

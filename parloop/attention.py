@@ -31,14 +31,14 @@ FOLD_MAX_ROWS = 32
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax attention with grouped KV heads: q `[B, H, Tq, hd]`, k/v `[B, Hkv, Tk, hd]`, mask `[B, 1, Tq, Tk]`."""
-    B, H, T, hd = q.shape
-    Hkv = k.shape[1]
-    if H == Hkv or q.device.type != "cpu" or T > FOLD_MAX_ROWS:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
+    batch, heads, rows, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if heads == kv_heads or q.device.type != "cpu" or rows > FOLD_MAX_ROWS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
     # A decode step has one query row per head (or R): PyTorch's CPU kernel with enable_gqa then costs 4-9x what
     # the same kernel costs with the H / Hkv query heads of a KV head stacked as its rows (docs/cpu.md). Query head
     # h uses KV head h // (H / Hkv), so the stacking is a view; every stacked row keeps its own mask row.
-    group = H // Hkv
-    rows = q.reshape(B, Hkv, group * T, hd)
-    row_mask = mask[:, :, None].expand(B, 1, group, T, mask.shape[-1]).reshape(B, 1, group * T, -1)
-    return F.scaled_dot_product_attention(rows, k, v, attn_mask=row_mask).view(B, H, T, hd)
+    group = heads // kv_heads
+    stacked = q.reshape(batch, kv_heads, group * rows, head_dim)
+    stacked_mask = mask[:, :, None].expand(batch, 1, group, rows, mask.shape[-1]).reshape(batch, 1, group * rows, -1)
+    return F.scaled_dot_product_attention(stacked, k, v, attn_mask=stacked_mask).view(batch, heads, rows, head_dim)

@@ -7,8 +7,8 @@ AVX512-BF16 or AVX512-VNNI dot products (docs/cpu.md has the side-by-side measur
 
 They are built with `torch.utils.cpp_extension` the first time they are needed (about a minute; `scripts/setup.sh`
 does it ahead) into `$PARLOOP_CACHE/kernels` (default `~/.cache/parloop/kernels`) and run only where the CPU has
-AVX512-BF16 and AVX512-VNNI. Elsewhere, or with `PARLOOP_CPU_KERNELS=0`, or if the build fails (a warning says why), the callers
-use PyTorch's own kernels: the same products, slower.
+AVX512-BF16 and AVX512-VNNI. Elsewhere, or with `PARLOOP_CPU_KERNELS=0`, or if the build fails (a warning says
+why), the callers use PyTorch's own kernels: the same products, slower.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ mode decodes from its cache as from the full forward, and what cannot work is re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -268,6 +269,16 @@ def test_bench_7b_path_on_a_tiny_shape(tmp_path: Path, capsys: pytest.CaptureFix
         assert row["bytes_per_step"] < bf16_row["bytes_per_step"]
     assert int8["page_cache_bytes"] == shape["vocab_size"] * shape["hidden_size"] * 2  # the bf16 embedding
     assert "int8    parallel" in format_7b_table(result)
+    # both orders (bf16 int8 int8 bf16): the ratios come from the mean of the two passes' medians
+    again = run_7b(dataclasses.replace(options, repeat_reversed=True), ["bf16", "int8"], tmp_path, progress=False,
+                   shape=shape)
+    bf16, int8 = again["formats"]
+    assert len(int8["memory_bandwidth_passes"]) == 2
+    for row, bf16_row in zip(int8["rows"], bf16["rows"], strict=True):
+        assert row["decode_ms_mean"] == pytest.approx((row["decode_ms_per_token"] + row["decode_ms_reversed"]) / 2,
+                                                      rel=1e-3)
+        assert row["ratio_to_bf16"] == pytest.approx(row["decode_ms_mean"] / bf16_row["decode_ms_mean"], rel=1e-3)
+    assert "pass 1" in format_7b_table(again)
     assert main(["bench", "--preset", "100m", "--weights", "int8"]) == 2
     assert "--weights applies to --preset 7b" in capsys.readouterr().err
 

@@ -90,19 +90,21 @@ def measure_format(spec: dict[str, Any]) -> dict[str, Any]:
 def run_7b(options: BenchOptions, weights: list[str], root: Path | None = None, progress: bool = True,
            shape: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build (once, under `root`, default `cache_root()`) and measure the 7b checkpoint (or one of `shape`, for
-    tests) in each of `weights`, one child process per format."""
+    tests) in each of `weights`, one child process per format; with `options.repeat_reversed`, every format a
+    second time in reverse order (bf16 int8 int4 int4 int8 bf16), whose mean cancels a drift of the machine."""
     check_options(options)
     if options.device != "cpu" or options.dtype not in ("float32", "bfloat16"):
         raise BenchError("--preset 7b measures CPU decoding of bf16 weights and their int8/int4 copies: leave "
                          "--device and --dtype out (the checkpoint is bf16)")
-    if options.sweep or options.compile or options.shape or options.repeat_reversed:
-        raise BenchError("--preset 7b takes none of --sweep, --compile, --repeat-reversed or the shape options: "
-                         "it measures the released shapes")
+    if options.sweep or options.compile or options.shape:
+        raise BenchError("--preset 7b takes none of --sweep, --compile or the shape options: it measures the "
+                         "released shapes")
     root = cache_root() if root is None else Path(root)
     shape = RELEASED_7B if shape is None else shape
     directories = {w: checkpoint_for(w, root, shape, progress) for w in weights}
-    formats = []
-    for w in tqdm(weights, desc="parloop bench 7b", unit="format", disable=not progress):
+    order = list(weights) + (list(reversed(weights)) if options.repeat_reversed else [])
+    passes: dict[str, list[dict[str, Any]]] = {w: [] for w in weights}
+    for w in tqdm(order, desc="parloop bench 7b", unit="format", disable=not progress):
         spec = dict(directory=str(directories[w]), weights=w, loops=sorted(set(options.loops)),
                     modes=list(dict.fromkeys(options.modes)), context=options.context, warmup=options.warmup,
                     new_tokens=options.new_tokens, threads=options.threads or torch.get_num_threads(),
@@ -113,42 +115,72 @@ def run_7b(options: BenchOptions, weights: list[str], root: Path | None = None, 
                                capture_output=True, text=True, env=os.environ.copy())
         if child.returncode != 0:
             raise BenchError(f"measuring {w} failed:\n{child.stderr[-3000:]}")
-        formats.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        passes[w].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    formats = [_combine_passes(*passes[w]) for w in weights]
     _add_ratios(formats)
     return dict(formats=formats, cache_dir=str(root), load=[round(x, 2) for x in os.getloadavg()],
                 torch_version=torch.__version__)
 
 
+def _combine_passes(first: dict[str, Any], second: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One format's result; with a second (reversed) pass, each row also gets that pass's median
+    (`decode_ms_reversed`), the two medians' spread, and its ratios, GB/s and % of copy bandwidth from the mean of
+    the two medians over the mean of the two bandwidth measurements (`decode_ms_mean`)."""
+    if second is None:
+        return first
+    again = {(r["mode"], r["loops"]): r for r in second["rows"]}
+    bandwidth = (first["memory_bandwidth_gbs"] + second["memory_bandwidth_gbs"]) / 2
+    for row in first["rows"]:
+        one, other = row["decode_ms_per_token"], again[row["mode"], row["loops"]]["decode_ms_per_token"]
+        mean = (one + other) / 2
+        gbs = row["bytes_per_step"] / (mean / 1e3) / 1e9
+        row.update(decode_ms_reversed=other, order_spread_pct=significant(100 * abs(one - other) / min(one, other)),
+                   decode_ms_mean=significant(mean), achieved_gbs=significant(gbs),
+                   achieved_bandwidth_pct=significant(100 * gbs / bandwidth))
+    return dict(first, memory_bandwidth_gbs=significant(bandwidth),
+                memory_bandwidth_passes=[first["memory_bandwidth_gbs"], second["memory_bandwidth_gbs"]],
+                peak_rss_bytes=max(first["peak_rss_bytes"], second["peak_rss_bytes"]))
+
+
 def _add_ratios(formats: list[dict[str, Any]]) -> None:
-    """Each row's time over the same format's R = 1 row (same mode), and over the bf16 row of the same R and mode."""
-    bf16 = {(r["mode"], r["loops"]): r["decode_ms_per_token"] for f in formats if f["weights"] == "bf16"
-            for r in f["rows"]}
+    """Each row's time (the mean of both passes where there are two) over the same format's R = 1 row (same mode),
+    and over the bf16 row of the same R and mode."""
+    def ms(row: dict[str, Any]) -> float:
+        return row.get("decode_ms_mean", row["decode_ms_per_token"])
+
+    bf16 = {(r["mode"], r["loops"]): ms(r) for f in formats if f["weights"] == "bf16" for r in f["rows"]}
     for f in formats:
-        r1 = {r["mode"]: r["decode_ms_per_token"] for r in f["rows"] if r["loops"] == 1}
+        r1 = {r["mode"]: ms(r) for r in f["rows"] if r["loops"] == 1}
         for row in f["rows"]:
             key = (row["mode"], row["loops"])
-            row["ratio_to_r1"] = significant(row["decode_ms_per_token"] / r1[row["mode"]]) if row["mode"] in r1 \
-                else None
-            row["ratio_to_bf16"] = significant(row["decode_ms_per_token"] / bf16[key]) if key in bf16 else None
+            row["ratio_to_r1"] = significant(ms(row) / r1[row["mode"]]) if row["mode"] in r1 else None
+            row["ratio_to_bf16"] = significant(ms(row) / bf16[key]) if key in bf16 else None
         f["peak_rss_over_checkpoint"] = significant(f["peak_rss_bytes"] / f["checkpoint_bytes"])
 
 
 def format_7b_table(result: dict[str, Any]) -> str:
-    """The rows of `run_7b` as a text table, and one line per format on memory and load time."""
-    lines = [f"{'weights':<8}{'mode':<19}{'R':>2}{'ms/token':>10}{'x R=1':>7}{'x bf16':>8}{'GB/s':>7}"
+    """The rows of `run_7b` as a text table (with two passes: ms/token is their mean, then each pass's median and
+    their spread), and one line per format on memory and load time."""
+    two = all("decode_ms_mean" in r for f in result["formats"] for r in f["rows"])
+    passes = f"{'pass 1':>9}{'pass 2':>9}{'spread':>8}" if two else ""
+    lines = [f"{'weights':<8}{'mode':<19}{'R':>2}{'ms/token':>10}{passes}{'x R=1':>7}{'x bf16':>8}{'GB/s':>7}"
              f"{'% copy BW':>11}{'prefill ms':>12}"]
     for f in result["formats"]:
         for r in f["rows"]:
             ratio = "" if r["ratio_to_bf16"] is None else f"{r['ratio_to_bf16']:.2f}"
-            lines.append(f"{r['weights']:<8}{r['mode']:<19}{r['loops']:>2}{r['decode_ms_per_token']:>10.1f}"
+            ms = r["decode_ms_mean"] if two else r["decode_ms_per_token"]
+            both = (f"{r['decode_ms_per_token']:>9.1f}{r['decode_ms_reversed']:>9.1f}{r['order_spread_pct']:>7.0f}%"
+                    if two else "")
+            lines.append(f"{r['weights']:<8}{r['mode']:<19}{r['loops']:>2}{ms:>10.1f}{both}"
                          f"{r['ratio_to_r1'] or 0:>7.2f}{ratio:>8}{r['achieved_gbs']:>7.1f}"
                          f"{r['achieved_bandwidth_pct']:>10.0f}%{r['prefill_ms']:>12.0f}")
     for f in result["formats"]:
+        bandwidth = " / ".join(f"{b:.1f}" for b in f.get("memory_bandwidth_passes", [f["memory_bandwidth_gbs"]]))
         lines.append(f"- {f['weights']}: checkpoint {f['checkpoint_bytes'] / 1e9:.2f} GB, peak RSS "
                      f"{f['peak_rss_bytes'] / 1e9:.2f} GB ({f['peak_rss_over_checkpoint']:.2f}x the checkpoint), "
                      f"load {f['load_s']:.2f} s (embedding into the page cache once: "
-                     f"{f['page_cache_bytes'] / 1e9:.2f} GB in {f['page_cache_s']:.1f} s), copy bandwidth {f['memory_bandwidth_gbs']:.1f} GB/s, "
-                     f"{f['threads']} threads")
+                     f"{f['page_cache_bytes'] / 1e9:.2f} GB in {f['page_cache_s']:.1f} s), "
+                     f"copy bandwidth {bandwidth} GB/s, {f['threads']} threads")
     lines.append(f"- checkpoints under {result['cache_dir']}; load average after the run {result['load']}")
     return "\n".join(lines)
 

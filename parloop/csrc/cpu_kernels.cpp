@@ -43,27 +43,28 @@ inline void store(T* out, float value) { *out = static_cast<T>(value); }
 
 // ---- bf16 weights: 32 inputs per VDPBF16PS ----
 template <int M, int NB, typename T>
-void bf16_rows(const c10::BFloat16* x, const c10::BFloat16* w, T* out, int64_t n0, int64_t N, int64_t K) {
+void bf16_rows(const c10::BFloat16* x, const c10::BFloat16* w, T* out, int64_t n0, int64_t stride, int64_t N,
+               int64_t K) {
   __m512 acc[M][NB];
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
     __m512i wv[NB];
-    UNROLL for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + (n0 + j) * K + k);
+    UNROLL for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + (n0 + j * stride) * K + k);
     UNROLL for (int m = 0; m < M; ++m) {
       const __m512bh xv = as_bh(_mm512_maskz_loadu_epi16(mask, x + m * K + k));
       UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], as_bh(wv[j]), xv);
     }
   }
   UNROLL for (int m = 0; m < M; ++m)
-    UNROLL for (int j = 0; j < NB; ++j) store(out + m * N + n0 + j, _mm512_reduce_add_ps(acc[m][j]));
+    UNROLL for (int j = 0; j < NB; ++j) store(out + m * N + n0 + j * stride, _mm512_reduce_add_ps(acc[m][j]));
 }
 
 // ---- int8 weights, float32 activations: 16 inputs per FMA, one scale per output row ----
 template <int M, int NB, typename T>
-void int8_rows(const float* x, const int8_t* w, const c10::BFloat16* scale, T* out, int64_t n0, int64_t N,
-               int64_t K) {
+void int8_rows(const float* x, const int8_t* w, const c10::BFloat16* scale, T* out, int64_t n0,
+               int64_t stride, int64_t N, int64_t K) {
   __m512 acc[M][NB];
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -71,7 +72,7 @@ void int8_rows(const float* x, const int8_t* w, const c10::BFloat16* scale, T* o
     const __mmask16 mask = K - k >= 16 ? ~__mmask16(0) : (__mmask16(1) << (K - k)) - 1;
     __m512 wv[NB];
     UNROLL for (int j = 0; j < NB; ++j)
-      wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + (n0 + j) * K + k)));
+      wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + (n0 + j * stride) * K + k)));
     UNROLL for (int m = 0; m < M; ++m) {
       const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
       UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xv, acc[m][j]);
@@ -79,7 +80,8 @@ void int8_rows(const float* x, const int8_t* w, const c10::BFloat16* scale, T* o
   }
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j)
-      store(out + m * N + n0 + j, _mm512_reduce_add_ps(acc[m][j]) * static_cast<float>(scale[n0 + j]));
+      store(out + m * N + n0 + j * stride,
+            _mm512_reduce_add_ps(acc[m][j]) * static_cast<float>(scale[n0 + j * stride]));
 }
 
 // ---- int8 weights, bf16 activations: 16-bit integer dot products, 32 inputs per VPDPWSSD ----
@@ -133,7 +135,7 @@ void quantize_rows(const c10::BFloat16* x, int64_t M, int64_t K, int64_t Kp, int
 
 template <int M, int NB>
 void int8_dot_rows(const int16_t* x16, const float* xs, int64_t Kp, const int8_t* w, const c10::BFloat16* scale,
-                   c10::BFloat16* out, int64_t n0, int64_t N, int64_t K) {
+                   c10::BFloat16* out, int64_t n0, int64_t stride, int64_t N, int64_t K) {
   __m512 total[M][NB];
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) total[m][j] = _mm512_setzero_ps();
@@ -146,7 +148,7 @@ void int8_dot_rows(const int16_t* x16, const float* xs, int64_t Kp, const int8_t
       __m512i xv[M];
       UNROLL for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(x16 + m * Kp + k);
       UNROLL for (int j = 0; j < NB; ++j) {
-        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + (n0 + j) * K + k));
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + (n0 + j * stride) * K + k));
         UNROLL for (int m = 0; m < M; ++m) acc[m][j] = dpwssd(acc[m][j], xv[m], wv);
       }
     }
@@ -156,8 +158,8 @@ void int8_dot_rows(const int16_t* x16, const float* xs, int64_t Kp, const int8_t
   UNROLL for (int m = 0; m < M; ++m) {
     const __m512 class_scales = _mm512_loadu_ps(xs + m * 16);
     UNROLL for (int j = 0; j < NB; ++j)
-      store(out + m * N + n0 + j,
-            _mm512_reduce_add_ps(_mm512_mul_ps(total[m][j], class_scales)) * static_cast<float>(scale[n0 + j]));
+      store(out + m * N + n0 + j * stride, _mm512_reduce_add_ps(_mm512_mul_ps(total[m][j], class_scales)) *
+                                               static_cast<float>(scale[n0 + j * stride]));
   }
 }
 
@@ -168,14 +170,15 @@ void int8_dot_rows(const int16_t* x16, const float* xs, int64_t Kp, const int8_t
 // with their per-group sums in `xsum` [M, K / G].
 template <int M, int NB, typename T>
 void int4_rows(const c10::BFloat16* xp, const float* xsum, const uint8_t* w, const c10::BFloat16* scale,
-               const c10::BFloat16* zero, T* out, int64_t n0, int64_t N, int64_t K, int64_t G) {
+               const c10::BFloat16* zero, T* out, int64_t n0, int64_t stride, int64_t N, int64_t K,
+               int64_t G) {
   const int64_t groups = K / G;
   const __m512i low_nibble = _mm512_set1_epi16(0x000F), bits_of_128 = _mm512_set1_epi16(0x4300);
   __m512 total[M][NB];
   UNROLL for (int j = 0; j < NB; ++j) {
     // the offset term, 16 groups at a time, lane by lane into `total` (all lanes are summed at the end)
     UNROLL for (int m = 0; m < M; ++m) total[m][j] = _mm512_setzero_ps();
-    const int64_t row = (n0 + j) * groups;
+    const int64_t row = (n0 + j * stride) * groups;
     for (int64_t g = 0; g < groups; g += 16) {
       const __mmask16 mask = groups - g >= 16 ? ~__mmask16(0) : (__mmask16(1) << (groups - g)) - 1;
       const __m512 s = load_bf16_as_f32(scale + row + g, mask), z = load_bf16_as_f32(zero + row + g, mask);
@@ -190,7 +193,7 @@ void int4_rows(const c10::BFloat16* xp, const float* xsum, const uint8_t* w, con
       UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
     for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
       UNROLL for (int j = 0; j < NB; ++j) {
-        const auto* bytes = reinterpret_cast<const __m256i*>(w + (n0 + j) * (K / 2) + k / 2);
+        const auto* bytes = reinterpret_cast<const __m256i*>(w + (n0 + j * stride) * (K / 2) + k / 2);
         const __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes));
         const __m512i lo = _mm512_ternarylogic_epi32(u, low_nibble, bits_of_128, 0xEA);  // (u & 0xF) | 0x4300
         const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(u, 4), bits_of_128);
@@ -201,12 +204,12 @@ void int4_rows(const c10::BFloat16* xp, const float* xsum, const uint8_t* w, con
       }
     }
     UNROLL for (int j = 0; j < NB; ++j) {
-      const __m512 s = broadcast_bf16(scale + (n0 + j) * groups + g);
+      const __m512 s = broadcast_bf16(scale + (n0 + j * stride) * groups + g);
       UNROLL for (int m = 0; m < M; ++m) total[m][j] = _mm512_fmadd_ps(acc[m][j], s, total[m][j]);
     }
   }
   UNROLL for (int m = 0; m < M; ++m)
-    UNROLL for (int j = 0; j < NB; ++j) store(out + m * N + n0 + j, _mm512_reduce_add_ps(total[m][j]));
+    UNROLL for (int j = 0; j < NB; ++j) store(out + m * N + n0 + j * stride, _mm512_reduce_add_ps(total[m][j]));
 }
 
 // Calls f(std::integral_constant<int, M>) for M = rows, so that each row count gets its own unrolled kernel.
@@ -234,16 +237,22 @@ constexpr int int8_rows_in_flight() { return M <= 2 ? 8 : (M == 3 ? 6 : (M == 4 
 template <int M>  // M NB accumulators and M activation vectors
 constexpr int int8_dot_rows_in_flight() { return M <= 3 ? 8 : (M == 4 ? 6 : (M <= 6 ? 3 : 2)); }
 template <int M>
-constexpr int int4_rows_in_flight() { return M <= 2 ? 8 : (M <= 4 ? 3 : 1); }
+constexpr int int4_rows_in_flight() { return M == 1 ? 4 : (M == 2 ? 8 : (M == 3 ? 6 : (M == 4 ? 3 : 1))); }
 
-// Runs `rows<M, NB>` over blocks of NB output rows (the last N % NB rows one at a time) on torch's threads.
-template <int M, int NB, typename F1, typename FB>
+// Runs `block(n0, stride)` (weight rows n0, n0 + stride, ..., NB of them) and `single(n)` over the output rows on
+// torch's threads. Each thread takes a contiguous range of rows and walks NB equal parts of it side by side, so
+// that each of the NB memory streams runs through consecutive weight rows: one long stream per part, instead of a
+// new one every row (or block of rows). The hardware prefetcher needs a few misses to pick up each new stream,
+// which cost int4's 2.5 KB rows 15-25 % of their time (docs/cpu.md).
+constexpr int64_t kMinRowsPerThread = 128;
+
+template <int NB, typename FB, typename F1>
 void over_rows(int64_t N, FB block, F1 single) {
-  const int64_t blocks = N / NB;
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) block(b * NB);
+  at::parallel_for(0, N, kMinRowsPerThread, [&](int64_t begin, int64_t end) {
+    const int64_t part = (end - begin) / NB;
+    for (int64_t i = 0; i < part; ++i) block(begin + i, part);
+    for (int64_t n = begin + NB * part; n < end; ++n) single(n);
   });
-  for (int64_t n = blocks * NB; n < N; ++n) single(n);
 }
 
 void check_rows(const at::Tensor& x, int64_t K, const char* name) {
@@ -262,9 +271,9 @@ void bf16_dispatch(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   auto run = [&](auto rows_tag) {
     constexpr int M = decltype(rows_tag)::value;
     constexpr int NB = bf16_rows_in_flight<M>();
-    over_rows<M, NB>(
-        N, [&](int64_t n0) { bf16_rows<M, NB, T>(xp, wp, op, n0, N, K); },
-        [&](int64_t n) { bf16_rows<M, 1, T>(xp, wp, op, n, N, K); });
+    over_rows<NB>(
+        N, [&](int64_t n0, int64_t stride) { bf16_rows<M, NB, T>(xp, wp, op, n0, stride, N, K); },
+        [&](int64_t n) { bf16_rows<M, 1, T>(xp, wp, op, n, 1, N, K); });
   };
   with_rows(x.size(0), run);
 }
@@ -298,9 +307,12 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     float* op = out.data_ptr<float>();
     with_rows(rows, [&](auto rows_tag) {
       constexpr int M = decltype(rows_tag)::value;
-      over_rows<M, int8_rows_in_flight<M>()>(
-          N, [&](int64_t n0) { int8_rows<M, int8_rows_in_flight<M>(), float>(xp, wp, sp, op, n0, N, K); },
-          [&](int64_t n) { int8_rows<M, 1, float>(xp, wp, sp, op, n, N, K); });
+      over_rows<int8_rows_in_flight<M>()>(
+          N,
+          [&](int64_t n0, int64_t stride) {
+            int8_rows<M, int8_rows_in_flight<M>(), float>(xp, wp, sp, op, n0, stride, N, K);
+          },
+          [&](int64_t n) { int8_rows<M, 1, float>(xp, wp, sp, op, n, 1, N, K); });
     });
     return out;
   }
@@ -314,9 +326,9 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   with_rows(rows, [&](auto rows_tag) {
     constexpr int M = decltype(rows_tag)::value;
     constexpr int NB = int8_dot_rows_in_flight<M>();
-    over_rows<M, NB>(
-        N, [&](int64_t n0) { int8_dot_rows<M, NB>(xq, xs, Kp, wp, sp, op, n0, N, K); },
-        [&](int64_t n) { int8_dot_rows<M, 1>(xq, xs, Kp, wp, sp, op, n, N, K); });
+    over_rows<NB>(
+        N, [&](int64_t n0, int64_t stride) { int8_dot_rows<M, NB>(xq, xs, Kp, wp, sp, op, n0, stride, N, K); },
+        [&](int64_t n) { int8_dot_rows<M, 1>(xq, xs, Kp, wp, sp, op, n, 1, N, K); });
   });
   return out;
 }
@@ -348,9 +360,12 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   auto run = [&](auto rows_tag) {
     constexpr int M = decltype(rows_tag)::value;
     constexpr int NB = int4_rows_in_flight<M>();
-    over_rows<M, NB>(
-        N, [&](int64_t n0) { int4_rows<M, NB, c10::BFloat16>(xpp, xs, wp, sp, zp, op, n0, N, K, group_size); },
-        [&](int64_t n) { int4_rows<M, 1, c10::BFloat16>(xpp, xs, wp, sp, zp, op, n, N, K, group_size); });
+    over_rows<NB>(
+        N,
+        [&](int64_t n0, int64_t stride) {
+          int4_rows<M, NB, c10::BFloat16>(xpp, xs, wp, sp, zp, op, n0, stride, N, K, group_size);
+        },
+        [&](int64_t n) { int4_rows<M, 1, c10::BFloat16>(xpp, xs, wp, sp, zp, op, n, 1, N, K, group_size); });
   };
   with_rows(rows, run);
   return out;

@@ -59,6 +59,48 @@ def test_int8_kernel_for_every_row_count(kernels: Any, n: int, k: int, dtype: to
             assert within_bf16_rounding(out, x, w), rows
 
 
+def int16_lane_classes(x: torch.Tensor) -> torch.Tensor:
+    """What the int8 kernel multiplies for bf16 activations x [M, K]: each row rounded to 16-bit integers with one
+    scale per lane class (inputs k with the same (k mod 32) // 2), returned as float64 values x16 * scale."""
+    xf = x.float()
+    classes = (torch.arange(x.shape[1]) % 32) // 2
+    out = torch.empty_like(xf, dtype=torch.float64)
+    for c in range(16):
+        cols = classes == c
+        top = xf[:, cols].abs().amax(dim=1, keepdim=True)
+        scale = torch.where(top > 0, top / 32767, torch.ones_like(top))
+        x16 = torch.round(xf[:, cols] * (1 / scale)).clamp(-32767, 32767)  # float32, rounding half to even
+        out[:, cols] = x16.double() * scale.double()
+    return out
+
+
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (37, 200), (6, 5000)])  # the last: more than one 4096-input chunk
+def test_int8_kernel_rounds_activations_per_lane_class(kernels: Any, n: int, k: int) -> None:
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n) / 50).to(torch.bfloat16)
+    w = q.double() * scale.double()[:, None]
+    x = torch.randn(cpu_kernels.MAX_ROWS, k)
+    x[1, 3] = 300.0  # an outlier: it coarsens its own class (inputs 2, 3, 34, 35, ...) only
+    x[2] = 0.0  # an all-zero row
+    x = x.to(torch.bfloat16)
+    for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+        out = kernels.linear_int8(x[:rows].contiguous(), q, scale).double()
+        expected = int16_lane_classes(x[:rows]) @ w.t()
+        assert ((out - expected).abs() <= 2.0**-8 * expected.abs() + 1e-6 * (x[:rows].double().abs() @ w.abs().t())
+                ).all(), rows
+    # An outlier of 30000 with the weights of its own class zeroed: the other classes' inputs keep their precision,
+    # so the product matches the exact one up to the output's bf16 rounding. (One scale per row would round every
+    # input to a multiple of 30000 / 32767 and miss by far more.)
+    x[1, 3] = 30000.0
+    w_other = w.clone()
+    w_other[:, (torch.arange(k) % 32) // 2 == (3 % 32) // 2] = 0.0
+    q_other = (w_other / scale.double()[:, None]).round().to(torch.int8)
+    out = kernels.linear_int8(x[1:2].contiguous(), q_other, scale).double()
+    exact = x[1:2].double() @ w_other.t()
+    assert ((out - exact).abs() <= 2.0**-8 * exact.abs() + 1e-3 * (x[1:2].double().abs() @ w_other.abs().t()) / k
+            ).all()
+
+
 @pytest.mark.parametrize(("n", "k", "group"), [(48, 128, 64), (37, 256, 128), (3, 256, 256), (20, 64 * 36, 64)])
 def test_int4_kernel_for_every_row_count(kernels: Any, n: int, k: int, group: int) -> None:
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)

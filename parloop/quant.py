@@ -7,7 +7,8 @@ parloop's CPU kernels (`parloop.cpu_kernels`), which unpack each weight block on
 run (no AVX512-BF16), on PyTorch's own `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu`. A short
 prompt goes through the kernels 8 rows at a time; a long one (or a call that wants gradients) dequantizes blocks of
 output rows and multiplies them with PyTorch's matrix product.
-Activations are bfloat16; int8 also takes float32 (the kernels compute in float32 there).
+Activations are bfloat16 (parloop's int8 kernel rounds them to 16-bit integers, one scale per 1/16 of the inputs:
+as fine as bf16 itself for all but the smallest; docs/cpu.md); int8 also takes float32 (computed in float32).
 
 The weights of every decoder layer's linear products (q/k/v/o, gate/up/down) and of the output head are quantized;
 the embedding (one row read per token), norms and G-SWA gates stay as they are.

@@ -82,7 +82,8 @@ def test_kernel_computes_the_quantized_weight_for_any_row_count(weights: str, ke
         x = torch.randn(rows, 128).to(torch.bfloat16)
         reference = x.float() @ expected.t()
         # the kernels multiply exact products and round the result to bf16 once: at most 2^-8 of sum |x| |w|
-        # apart from the float32 product (plus float32 summation order)
+        # apart from the float32 product (plus float32 summation order); parloop's int8 kernel first rounds each x
+        # to 16 bits of its lane class's largest, which moves each product by under 2^-16 of that, far inside
         scale = x.float().abs() @ expected.abs().t()
         assert ((module(x).float() - reference).abs() <= BF16_EPS * scale + 1e-4).all(), rows
 

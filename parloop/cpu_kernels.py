@@ -83,6 +83,6 @@ def fits(x: torch.Tensor) -> bool:
 def report_build() -> None:
     """Build the kernels now and say so (scripts/setup.sh runs this)."""
     if not cpu_supported():
-        print("parloop: this CPU has no AVX512-BF16; decoding uses PyTorch's kernels")
+        print("parloop: this CPU lacks AVX512-BF16 or AVX512-VNNI; decoding uses PyTorch's kernels")
     else:
         print("parloop: CPU decode kernels " + ("ready" if kernels() is not None else "NOT built (see the warning)"))

@@ -11,8 +11,8 @@
 // instruction per block.
 //
 // Every kernel walks a weight row along K (the checkpoint's own layout, no repacking) and keeps NB rows of W
-// in flight: independent accumulator chains, and enough concurrent memory streams to reach the bandwidth.
-// `at::parallel_for` splits the output rows over torch's threads.
+// in flight: independent accumulator chains, and NB concurrent memory streams, each running through consecutive
+// rows (`over_rows`). `at::parallel_for` splits the output rows over torch's threads.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -41,6 +41,13 @@ inline __m512 broadcast_bf16(const c10::BFloat16* p) {
 template <typename T>
 inline void store(T* out, float value) { *out = static_cast<T>(value); }
 
+// the load mask of a block of Mask's width with `left` elements still to go: all lanes, or the first `left`
+template <typename Mask>
+inline Mask first_lanes(int64_t left) {
+  constexpr int64_t width = 8 * sizeof(Mask);
+  return left >= width ? static_cast<Mask>(~Mask(0)) : left <= 0 ? Mask(0) : static_cast<Mask>((Mask(1) << left) - 1);
+}
+
 // ---- bf16 weights: 32 inputs per VDPBF16PS ----
 template <int M, int NB, typename T>
 void bf16_rows(const c10::BFloat16* x, const c10::BFloat16* w, T* out, int64_t n0, int64_t stride, int64_t N,
@@ -49,7 +56,7 @@ void bf16_rows(const c10::BFloat16* x, const c10::BFloat16* w, T* out, int64_t n
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+    const __mmask32 mask = first_lanes<__mmask32>(K - k);
     __m512i wv[NB];
     UNROLL for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + (n0 + j * stride) * K + k);
     UNROLL for (int m = 0; m < M; ++m) {
@@ -69,7 +76,7 @@ void int8_rows(const float* x, const int8_t* w, const c10::BFloat16* scale, T* o
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? ~__mmask16(0) : (__mmask16(1) << (K - k)) - 1;
+    const __mmask16 mask = first_lanes<__mmask16>(K - k);
     __m512 wv[NB];
     UNROLL for (int j = 0; j < NB; ++j)
       wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + (n0 + j * stride) * K + k)));
@@ -107,7 +114,7 @@ void quantize_rows(const c10::BFloat16* x, int64_t M, int64_t K, int64_t Kp, int
   for (int64_t m = 0; m < M; ++m) {
     const c10::BFloat16* row = x + m * K;
     auto load = [&](int64_t k) {  // 16 inputs as float32, zero past K
-      const __mmask16 mask = k >= K ? 0 : (K - k >= 16 ? ~__mmask16(0) : (__mmask16(1) << (K - k)) - 1);
+      const __mmask16 mask = first_lanes<__mmask16>(K - k);
       return load_bf16_as_f32(row + std::min(k, K), mask);
     };
     __m512 peak[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -144,7 +151,7 @@ void int8_dot_rows(const int16_t* x16, const float* xs, int64_t Kp, const int8_t
     UNROLL for (int m = 0; m < M; ++m)
       UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
     for (int64_t k = chunk; k < std::min(K, chunk + kChunk); k += 32) {
-      const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+      const __mmask32 mask = first_lanes<__mmask32>(K - k);
       __m512i xv[M];
       UNROLL for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(x16 + m * Kp + k);
       UNROLL for (int j = 0; j < NB; ++j) {
@@ -180,7 +187,7 @@ void int4_rows(const c10::BFloat16* xp, const float* xsum, const uint8_t* w, con
     UNROLL for (int m = 0; m < M; ++m) total[m][j] = _mm512_setzero_ps();
     const int64_t row = (n0 + j * stride) * groups;
     for (int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 mask = groups - g >= 16 ? ~__mmask16(0) : (__mmask16(1) << (groups - g)) - 1;
+      const __mmask16 mask = first_lanes<__mmask16>(groups - g);
       const __m512 s = load_bf16_as_f32(scale + row + g, mask), z = load_bf16_as_f32(zero + row + g, mask);
       const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);
       UNROLL for (int m = 0; m < M; ++m)
@@ -227,9 +234,9 @@ void with_rows(int64_t rows, F&& f) {
   }
 }
 
-// Weight rows in flight per row count M: eight streams keep enough memory reads outstanding to reach the
-// bandwidth on Zen 4 (four reach ~75 %), as long as the accumulators (M x NB, twice for int4) fit the 32 registers.
-// Measured on the 27648 x 5120 product, 2 threads (docs/cpu.md).
+// Weight rows in flight per row count M: enough memory streams to keep reads outstanding, as long as the
+// accumulators (M x NB, twice for int4) fit the 32 registers; int4's one-row kernel, bound by unpacking, is fastest
+// with 4. Measured on the 27648 x 5120 product, 2 threads (docs/cpu.md).
 template <int M>
 constexpr int bf16_rows_in_flight() { return M <= 3 ? 8 : (M == 4 ? 6 : 3); }
 template <int M>

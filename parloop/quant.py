@@ -8,16 +8,18 @@ run (no AVX512-BF16), on PyTorch's own `aten._weight_int8pack_mm` / `aten._weigh
 prompt goes through the kernels 8 rows at a time; a long one (or a call that wants gradients) dequantizes blocks of
 output rows and multiplies them with PyTorch's matrix product.
 Activations are bfloat16 (parloop's int8 kernel rounds them to 16-bit integers, one scale per 1/16 of the inputs:
-as fine as bf16 itself for all but the smallest; docs/cpu.md); int8 also takes float32 (computed in float32).
+as fine as bf16 itself for all but the smallest; its int4 kernel to 8-bit integers per group, as llama.cpp does,
+which moves a product by a few percent of what int4's own weight rounding does; docs/cpu.md); int8 also takes
+float32 (computed in float32).
 
 The weights of every decoder layer's linear products (q/k/v/o, gate/up/down) and of the output head are quantized;
 the embedding (one row read per token), norms and G-SWA gates stay as they are.
 
 On disk a quantized checkpoint is an ordinary model directory whose `config.json` carries `parloop_quantization`
-and whose quantized layers `X` hold `X.weight` (int8 `[N, K]`, or uint8 `[N, K/2]` with two int4 codes per byte,
-the even input in the low nibble) and `X.weight_scale` (bf16 `[N]` for int8, `[N, K/group]` for int4) and, for
-int4, `X.weight_zero` (bf16 `[N, K/group]`), all loaded by `from_pretrained` without a copy. The layout is plain
-(no CPU- or torch-specific packing), so a checkpoint works on every machine.
+and whose quantized layers `X` hold `X.weight` (int8 `[N, K]`, or uint8 `[N, K/2]` with two int4 codes per byte in
+`pack_int4`'s order: 16 groups side by side) and `X.weight_scale` (bf16 `[N]` for int8, `[N, K/group]` for int4)
+and, for int4, `X.weight_zero` (bf16 `[N, K/group]`), all loaded by `from_pretrained` without a copy. The layout
+is fixed (no torch-specific packing), so a checkpoint works on every machine.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from torch import nn
 from parloop import cpu_kernels
 
 FORMATS = ("int8", "int4")
-VERSIONS = {"int8": 1, "int4": 2}  # the format version written; int4's version 1 was torch's CPU-specific packing
+# the format version written; int4's version 1 was torch's CPU-specific packing, version 2 a plain nibble order
+VERSIONS = {"int8": 1, "int4": 3}
 DEFAULT_GROUP_SIZE = 128  # int4: inputs sharing a scale and zero (the common choice of GPTQ/AWQ/llama.cpp Q4)
 GROUP_SIZES = (64, 128, 256)  # multiples of the kernel's 64-input block
+SUPERBLOCK = 16  # int4 groups stored side by side, one per 32-bit lane (pack_int4)
 # the linear products quantized: each decoder layer's, and the output head
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEAD = "lm_head"
@@ -69,14 +73,15 @@ def check_quantization_config(value: Any) -> None:
     """Raise `QuantizationError` naming what is wrong with a `parloop_quantization` value (None is fine)."""
     if value is None:
         return
-    if not isinstance(value, dict) or value.get("weights") not in FORMATS or value.get("version") not in (1, 2):
+    if not isinstance(value, dict) or value.get("weights") not in FORMATS or value.get("version") not in (1, 2, 3):
         raise QuantizationError(f"{FIELD} = {value!r} is invalid: it must be written by `parloop quantize` "
                                 f"(weights one of {', '.join(FORMATS)}, version as in {VERSIONS})")
     if value["weights"] == "int8" and value["version"] != VERSIONS["int8"]:
         raise QuantizationError(f"{FIELD} = {value!r}: int8 checkpoints are version {VERSIONS['int8']}")
     if value["weights"] == "int4" and value["version"] != VERSIONS["int4"]:
-        raise QuantizationError("this int4 checkpoint was written by an older parloop in torch's CPU-specific "
-                                "packing: quantize the float checkpoint again with `parloop quantize`")
+        raise QuantizationError(f"this int4 checkpoint (version {value['version']}) was written by an older "
+                                f"parloop in another layout of the codes (this one reads version "
+                                f"{VERSIONS['int4']}): quantize the float checkpoint again with `parloop quantize`")
     if value["weights"] == "int4" and value.get("group_size") not in GROUP_SIZES:
         raise QuantizationError(f"{FIELD}.group_size = {value.get('group_size')!r} is invalid: one of {GROUP_SIZES}")
 
@@ -95,7 +100,7 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, torch.Tensor]:
     """Asymmetric int4 per group of `group_size` inputs: w ~ (q - 8) * scale + zero, q in [0, 15], the group's
-    min..max spread over the 16 levels; two codes per byte, the even input in the low nibble."""
+    min..max spread over the 16 levels; two codes per byte in `pack_int4`'s order."""
     n, k = weight.shape
     if k % group_size:
         raise QuantizationError(f"int4 groups of {group_size} do not divide a layer's {k} inputs: pick a "
@@ -105,7 +110,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) ->
     scale = _round_bf16((high - low).clamp(min=1e-12) / 15)
     zero = _round_bf16(low + 8 * scale)
     q = (torch.round((w - zero[..., None]) / scale[..., None]) + 8).clamp(0, 15).to(torch.uint8).view(n, k)
-    return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "weight_scale": scale.to(torch.bfloat16),
+    return {"weight": pack_int4(q, group_size), "weight_scale": scale.to(torch.bfloat16),
             "weight_zero": zero.to(torch.bfloat16)}
 
 
@@ -116,9 +121,34 @@ def quantize_weight(weight: torch.Tensor, config: dict[str, Any]) -> dict[str, t
     return quantize_int4(weight, config["group_size"])
 
 
-def unpack_int4(weight: torch.Tensor) -> torch.Tensor:
-    """The int4 codes `[N, K]` (uint8, 0..15) of a packed weight `[N, K/2]`: the even input in the low nibble."""
-    return torch.stack([weight & 15, weight >> 4], dim=-1).view(weight.shape[0], -1)
+def _superblocks(k: int, group_size: int) -> list[tuple[int, int]]:
+    """(first input, groups) of each run of up to SUPERBLOCK groups along a row of `k` inputs."""
+    groups = k // group_size
+    return [(g * group_size, min(SUPERBLOCK, groups - g)) for g in range(0, groups, SUPERBLOCK)]
+
+
+def pack_int4(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int4 codes `[N, K]` (uint8, 0..15) in the file's layout `[N, K/2]`: each run of up to 16 groups of a row is
+    stored as G/8 blocks, block t holding for each group 4 bytes whose low nibbles are its inputs 8t..8t+3 and
+    whose high nibbles are 8t+4..8t+7 (one group per 32-bit lane: the CPU kernel's order, docs/cpu.md)."""
+    n, k = codes.shape
+    parts = []
+    for start, groups in _superblocks(k, group_size):
+        block = codes[:, start:start + groups * group_size].reshape(n, groups, group_size // 8, 2, 4)
+        block = block.permute(0, 2, 1, 3, 4)  # [N, word t, group, low/high, 4]
+        parts.append((block[..., 0, :] | (block[..., 1, :] << 4)).reshape(n, -1))
+    return torch.cat(parts, dim=1)
+
+
+def unpack_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The int4 codes `[N, K]` (uint8, 0..15) of a weight `[N, K/2]` in `pack_int4`'s layout."""
+    n, k = weight.shape[0], 2 * weight.shape[1]
+    parts = []
+    for start, groups in _superblocks(k, group_size):
+        block = weight[:, start // 2:(start + groups * group_size) // 2].reshape(n, group_size // 8, groups, 1, 4)
+        block = torch.cat([block & 15, block >> 4], dim=3)  # [N, word t, group, low/high, 4]
+        parts.append(block.permute(0, 2, 1, 3, 4).reshape(n, -1))
+    return torch.cat(parts, dim=1)
 
 
 def stored_quantization(model_dir: Path) -> dict[str, Any] | None:
@@ -134,7 +164,7 @@ def dequantize(tensors: dict[str, torch.Tensor], config: dict[str, Any], rows: s
     if config["weights"] == "int8":
         return weight.to(dtype) * scale.to(dtype)[:, None]
     n, group = weight.shape[0], config["group_size"]
-    codes = unpack_int4(weight).view(n, -1, group).to(dtype)  # [N, K/G, G]
+    codes = unpack_int4(weight, group).view(n, -1, group).to(dtype)  # [N, K/G, G]
     zero = tensors["weight_zero"][rows].to(dtype)
     return ((codes - 8) * scale.to(dtype)[..., None] + zero[..., None]).view(n, -1)
 
@@ -227,7 +257,8 @@ class QuantLinear(nn.Module):
                 self.weight = self.weight.clone()
             return torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
         if self._stock_int4 is None:  # aten's own packing of the codes: a second copy of the weight in memory
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 2)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpack_int4(self.weight, self.config["group_size"]).to(torch.int32), 2)
             scale_zeros = torch.stack([self.weight_scale.t(), self.weight_zero.t()], dim=-1).contiguous()
             self._stock_int4 = (packed, scale_zeros)
         packed, scale_zeros = self._stock_int4

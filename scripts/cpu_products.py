@@ -32,7 +32,7 @@ def products(n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor], torch.T
         raise SystemExit("parloop's CPU kernels do not run here (no AVX512-BF16, or the build failed)")
     w = (torch.randn(n, k) / k**0.5).to(torch.bfloat16)
     q8, q4 = quantize_int8(w), quantize_int4(w, GROUP)
-    codes = unpack_int4(q4["weight"]).to(torch.int32)  # the same codes in aten's packing
+    codes = unpack_int4(q4["weight"], GROUP).to(torch.int32)  # the same codes in aten's packing
     aten4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
     scale_zeros = torch.stack([q4["weight_scale"].t(), q4["weight_zero"].t()], dim=-1).contiguous()
     return {

@@ -18,6 +18,11 @@ at each prompt's first disagreement (a disagreement at a near-tie is a coin toss
 Forced agreement: the share of the float32 model's 256 greedy steps at which a variant, fed the float32 model's own
 prefix, picks the same token (one full forward per prompt); unlike the greedy measures, one early disagreement does
 not make the later tokens differ (float32 against itself checks that a full forward picks what decoding picked).
+
+Bits per byte score windows longer than `parloop.quant.KERNEL_ROWS` tokens, which the quantized layers compute from
+dequantized weights and bf16 activations; decoding runs on parloop's kernels, which round the activations first
+(int8: to 16 bits per lane class; int4: to 8 bits per group). "int8-kernels" and "int4-kernels" score every window
+through the kernels (8 rows at a time), so that their bits per byte include that rounding too.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from parloop import quant
 from parloop.eval.bpb import bits_per_byte
 from parloop.eval.held_out import held_out_texts
 from parloop.inference.loading import load_model
@@ -101,9 +107,12 @@ def main() -> None:
     args = parser.parse_args()
     texts = held_out_texts(args.data, "test", args.max_bytes)
     variants = {"float32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("auto", "int8"),
-                "int4": ("auto", "int4"), "int8-float32": ("float32", "int8")}
+                "int4": ("auto", "int4"), "int8-float32": ("float32", "int8"), "int8-kernels": ("auto", "int8"),
+                "int4-kernels": ("auto", "int4")}
     results, scores, continuations, gaps = {}, {}, {}, {}
+    prefill_rows = quant.KERNEL_ROWS
     for name, (dtype, weights) in variants.items():
+        quant.KERNEL_ROWS = 1 << 30 if name.endswith("-kernels") else prefill_rows
         try:
             model, tokenizer = load_model(args.model, "cpu", dtype, weights)
         except QuantizationError as err:  # int8 x float32 needs a parloop whose kernels take float32 activations

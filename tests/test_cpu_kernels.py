@@ -101,22 +101,70 @@ def test_int8_kernel_rounds_activations_per_lane_class(kernels: Any, n: int, k: 
             ).all()
 
 
+def int4_file_layout(codes: torch.Tensor, group: int) -> torch.Tensor:
+    """Codes [N, K] (0..15) packed byte by byte as docs/cpu.md describes the int4 file: each run of up to 16 groups
+    of a row as blocks t = 0 .. group/8 - 1; in block t, group l's 4 bytes, byte i = input 8t+i (low nibble) and
+    8t+4+i (high nibble) of that group. Written as loops, independently of parloop.quant.pack_int4."""
+    n, k = codes.shape
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    groups, at = k // group, 0
+    for first in range(0, groups, 16):
+        for t in range(group // 8):
+            for g in range(first, min(first + 16, groups)):
+                for i in range(4):
+                    low, high = codes[:, g * group + 8 * t + i], codes[:, g * group + 8 * t + 4 + i]
+                    packed[:, at] = low | (high << 4)
+                    at += 1
+    return packed
+
+
+def int8_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """What the int4 kernel multiplies for bf16 activations x [M, K]: each group of `group` inputs of a row rounded
+    to int8 with the scale max |x| / 127 of that group, returned as float64 values x8 * scale."""
+    xf = x.float().view(x.shape[0], -1, group)
+    top = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(top > 0, top / 127, torch.ones_like(top))
+    x8 = torch.round(xf * (1 / scale)).clamp(-127, 127)  # float32, rounding half to even
+    return (x8.double() * scale.double()).view(x.shape)
+
+
+# 36 groups: two full runs of 16 and one of 4 (short blocks); 2 groups; one group of 256
 @pytest.mark.parametrize(("n", "k", "group"), [(48, 128, 64), (37, 256, 128), (3, 256, 256), (20, 64 * 36, 64)])
 def test_int4_kernel_for_every_row_count(kernels: Any, n: int, k: int, group: int) -> None:
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    packed = int4_file_layout(codes, group)
     scale = (torch.rand(n, k // group) / 10).to(torch.bfloat16)
     zero = (torch.randn(n, k // group) / 10).to(torch.bfloat16)
-    w = ((codes.float() - 8).view(n, -1, group) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
+    w = ((codes.double() - 8).view(n, -1, group) * scale.double()[..., None] + zero.double()[..., None]).view(n, k)
+    x = torch.randn(cpu_kernels.MAX_ROWS, k)
+    x[1, 5] = 300.0  # an outlier: it coarsens its own group only
+    x[2] = 0.0  # an all-zero row
+    x = x.to(torch.bfloat16)
     for rows in range(1, cpu_kernels.MAX_ROWS + 1):
-        x = torch.randn(rows, k).to(torch.bfloat16)
-        # the codes carry an offset of 128 inside the kernel, taken out once per group: allow float32 rounding of
-        # those larger sums too
-        out = kernels.linear_int4(x, packed, scale, zero, group)
-        reference = x.float() @ w.t()
-        bound = BF16_EPS * (x.float().abs() @ w.abs().t()) + 1e-5 * (x.float().abs() @ (136 * scale.float()
-                                                                                     ).repeat_interleave(group, 1).t())
-        assert ((out.float() - reference).abs() <= bound + 1e-5).all(), rows
+        out = kernels.linear_int4(x[:rows].contiguous(), packed, scale, zero, group).double()
+        # exact products of the rounded activations, summed in float32 (the code sums exactly in int32, the group
+        # totals and the offset term in float32) and rounded once to bf16
+        expected = int8_groups(x[:rows], group) @ w.t()
+        magnitude = x[:rows].double().abs() @ (w.abs() + 8 * scale.double().repeat_interleave(group, 1)).t()
+        assert ((out - expected).abs() <= BF16_EPS * expected.abs() + 1e-5 * magnitude + 1e-6).all(), rows
+    if k == group:
+        return
+    # The same outlier with the weights of its group zeroed: the other groups keep their precision, so the kernel
+    # matches the exact product of the unrounded activations within the int8 rounding of those groups alone (and
+    # the float32 rounding of the zeroed group's offset term, which cancels its codes' sum). (One scale per row
+    # would round every input to a multiple of 30000 / 127 and miss by far more.)
+    x[1, 5] = 30000.0
+    codes_other, zero_other = codes.clone(), zero.clone()
+    codes_other[:, :group], zero_other[:, 0] = 8, 0.0  # group 0 weighs exactly 0
+    w_other = w.clone()
+    w_other[:, :group] = 0.0
+    out = kernels.linear_int4(x[1:2].contiguous(), int4_file_layout(codes_other, group), scale, zero_other, group)
+    exact = x[1:2].double() @ w_other.t()
+    top = x[1:2].double().abs().view(1, -1, group).amax(-1).repeat_interleave(group, 1)  # each group's largest
+    rounding = (top / 254) @ w_other.abs().t()  # each input moves by at most half a step of its group
+    offsets = 1e-5 * x[1:2].double().abs() @ (w_other.abs() + 8 * scale.double().repeat_interleave(group, 1)).t()
+    assert ((out.double() - exact).abs() <= BF16_EPS * exact.abs() + rounding + offsets + 1e-6).all()
+    assert rounding.max() < 0.05 * (x[1:2, group:].double().abs() @ w_other[:, group:].abs().t()).max()
 
 
 def test_kernels_name_what_is_wrong(kernels: Any) -> None:

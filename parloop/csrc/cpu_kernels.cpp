@@ -6,9 +6,9 @@
 // core, and its int8/int4 weight-only kernels pay a fixed ~0.75 / ~1.0 ms of arithmetic per extra row on a
 // 27648 x 5120 product (docs/cpu.md has the measurements). Here each weight block is loaded (and for int4
 // unpacked) once, then multiplied into every row with AVX512-BF16 dot products (VDPBF16PS: bf16 pairs, float32
-// accumulation; bf16 and int4 weights), AVX512-VNNI integer dot products (VPDPWSSD: int8 weights, activations
-// rounded to 16-bit integers) or float32 FMAs (int8 weights, float32 activations), so an extra row costs one
-// instruction per block.
+// accumulation; bf16 weights), AVX512-VNNI integer dot products (VPDPWSSD: int8 weights, activations rounded to
+// 16-bit integers; VPDPBUSD: int4 weights, activations rounded to 8-bit integers per group) or float32 FMAs (int8
+// weights, float32 activations), so an extra row costs one or two instructions per block.
 //
 // Every kernel walks a weight row along K (the checkpoint's own layout, no repacking) and keeps NB rows of W
 // in flight: independent accumulator chains, and NB concurrent memory streams, each running through consecutive
@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
+
+#include <cstring>
 #include <torch/extension.h>
 
 namespace {
@@ -170,49 +172,93 @@ void int8_dot_rows(const int16_t* x16, const float* xs, int64_t Kp, const int8_t
   }
 }
 
-// ---- int4 weights in groups of G inputs: w = (q - 8) * s + z, q in 0..15, two per byte (low nibble first) ----
-// A nibble q becomes the bf16 128 + q exactly by OR-ing it into the bits of 128.0 (0x4300), so 64 weights unpack
-// with three instructions. Then per group sum_k x_k w_k = s * sum_k x_k (128 + q_k) + (z - 136 s) * sum_k x_k.
-// The activations come in `xp` permuted per 64 inputs (32 even, then 32 odd positions) to match the nibble order,
-// with their per-group sums in `xsum` [M, K / G].
+// ---- int4 weights in groups of G inputs, activations rounded to int8 per group: 64 codes per VPDPBUSD ----
+// w = (q - 8) * s + z with q in 0..15; each row of x is rounded to int8 per group, x ~ a * sx (sx = the group's
+// max |x| / 127, as llama.cpp's Q8 activations), so that VPDPBUSD multiplies 64 unsigned codes by 64 signed
+// activations per instruction, half the dot products of bf16 pairs and a quarter of their unpacking. Per group
+// sum_k x_k w_k = s sx sum_k q_k a_k + (z - 8 s) sum_k x_k, with sum_k x_k taken from the rounded x (`xsum`).
+// The file stores each 16 groups of a row (fewer in the last) with one group per int32 lane (docs/cpu.md):
+// block t of such a superblock holds, for each group l, 4 bytes whose low nibbles are the group's inputs 8 t .. 8 t
+// + 3 and whose high nibbles are 8 t + 4 .. 8 t + 7, so every lane sums one group and the scales meet the sums
+// once per superblock. `x8` holds the activations in the same order: [M, superblocks, G / 8, 2 (low, high), 16, 4].
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));  // see dpwssd
+  return acc;
+}
+
+struct Int4Layout {
+  int64_t K, G, groups, supers, words;  // words: 8-input words per group (G / 8)
+  Int4Layout(int64_t K_, int64_t G_) : K(K_), G(G_), groups(K_ / G_), supers((K_ / G_ + 15) / 16), words(G_ / 8) {}
+  int64_t x8_row() const { return supers * words * 128; }  // bytes of one row of x8
+};
+
+// x [M, K] bf16 -> x8 (zero-filled by the caller), sx [M, groups], xsum [M, groups] (see above)
+void quantize_groups(const c10::BFloat16* x, int64_t M, const Int4Layout& L, int8_t* x8, float* sx, float* xsum) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < L.groups; ++g) {
+      const c10::BFloat16* p = x + m * L.K + g * L.G;
+      __m512 peak = _mm512_setzero_ps();
+      for (int64_t i = 0; i < L.G; i += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(load_bf16_as_f32(p + i, 0xFFFF)));
+      const float top = _mm512_reduce_max_ps(peak), s = top > 0 ? top / 127.f : 1.f;
+      const __m512 inverse = _mm512_set1_ps(1.f / s);
+      __m512i total = _mm512_setzero_si512();
+      // the 16 inputs 16 c .. 16 c + 15 are words 2 c and 2 c + 1: four 4-byte pieces, 64 bytes apart in x8
+      int8_t* dst = x8 + m * L.x8_row() + (g / 16) * L.words * 128 + (g % 16) * 4;
+      for (int64_t c = 0; c < L.G / 16; ++c) {
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16_as_f32(p + 16 * c, 0xFFFF), inverse));
+        total = _mm512_add_epi32(total, q);
+        alignas(16) int32_t piece[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(piece), _mm512_cvtsepi32_epi8(q));
+        for (int i = 0; i < 4; ++i) std::memcpy(dst + (4 * c + i) * 64, piece + i, 4);
+      }
+      sx[m * L.groups + g] = s;
+      xsum[m * L.groups + g] = s * static_cast<float>(_mm512_reduce_add_epi32(total));
+    }
+}
+
 template <int M, int NB, typename T>
-void int4_rows(const c10::BFloat16* xp, const float* xsum, const uint8_t* w, const c10::BFloat16* scale,
-               const c10::BFloat16* zero, T* out, int64_t n0, int64_t stride, int64_t N, int64_t K,
-               int64_t G) {
-  const int64_t groups = K / G;
-  const __m512i low_nibble = _mm512_set1_epi16(0x000F), bits_of_128 = _mm512_set1_epi16(0x4300);
+void int4_rows(const int8_t* x8, const float* sx, const float* xsum, const uint8_t* w, const c10::BFloat16* scale,
+               const c10::BFloat16* zero, T* out, int64_t n0, int64_t stride, int64_t N, const Int4Layout& L) {
+  const __m512i low_nibble = _mm512_set1_epi8(0x0F);
   __m512 total[M][NB];
   UNROLL for (int j = 0; j < NB; ++j) {
     // the offset term, 16 groups at a time, lane by lane into `total` (all lanes are summed at the end)
     UNROLL for (int m = 0; m < M; ++m) total[m][j] = _mm512_setzero_ps();
-    const int64_t row = (n0 + j * stride) * groups;
-    for (int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 mask = first_lanes<__mmask16>(groups - g);
+    const int64_t row = (n0 + j * stride) * L.groups;
+    for (int64_t g = 0; g < L.groups; g += 16) {
+      const __mmask16 mask = first_lanes<__mmask16>(L.groups - g);
       const __m512 s = load_bf16_as_f32(scale + row + g, mask), z = load_bf16_as_f32(zero + row + g, mask);
-      const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);
+      const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);
       UNROLL for (int m = 0; m < M; ++m)
-        total[m][j] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, xsum + m * groups + g), total[m][j]);
+        total[m][j] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, xsum + m * L.groups + g), total[m][j]);
     }
   }
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[M][NB];  // one chain per (row, weight row): its two dot products per block wait on each other
+  for (int64_t sb = 0; sb < L.supers; ++sb) {
+    const int64_t g0 = 16 * sb, S = std::min<int64_t>(16, L.groups - g0);  // S groups: blocks of 4 S bytes
+    const __mmask16 lanes = first_lanes<__mmask16>(S);
+    __m512i acc[M][NB];  // lane l: the int32 sum of group g0 + l
     UNROLL for (int m = 0; m < M; ++m)
-      UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+      UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+    for (int64_t t = 0; t < L.words; ++t) {
+      __m512i low[M], high[M];
+      UNROLL for (int m = 0; m < M; ++m) {
+        const int8_t* xt = x8 + m * L.x8_row() + (sb * L.words + t) * 128;
+        low[m] = _mm512_loadu_si512(xt);
+        high[m] = _mm512_loadu_si512(xt + 64);
+      }
       UNROLL for (int j = 0; j < NB; ++j) {
-        const auto* bytes = reinterpret_cast<const __m256i*>(w + (n0 + j * stride) * (K / 2) + k / 2);
-        const __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes));
-        const __m512i lo = _mm512_ternarylogic_epi32(u, low_nibble, bits_of_128, 0xEA);  // (u & 0xF) | 0x4300
-        const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(u, 4), bits_of_128);
-        UNROLL for (int m = 0; m < M; ++m) {
-          acc[m][j] = _mm512_dpbf16_ps(acc[m][j], as_bh(lo), as_bh(_mm512_loadu_si512(xp + m * K + k)));
-          acc[m][j] = _mm512_dpbf16_ps(acc[m][j], as_bh(hi), as_bh(_mm512_loadu_si512(xp + m * K + k + 32)));
-        }
+        const uint8_t* block = w + (n0 + j * stride) * (L.K / 2) + g0 * L.G / 2 + t * 4 * S;
+        const __m512i u = _mm512_maskz_loadu_epi32(lanes, block);
+        const __m512i lo = _mm512_and_si512(u, low_nibble), hi = _mm512_and_si512(_mm512_srli_epi16(u, 4), low_nibble);
+        UNROLL for (int m = 0; m < M; ++m) acc[m][j] = dpbusd(dpbusd(acc[m][j], lo, low[m]), hi, high[m]);
       }
     }
     UNROLL for (int j = 0; j < NB; ++j) {
-      const __m512 s = broadcast_bf16(scale + (n0 + j * stride) * groups + g);
-      UNROLL for (int m = 0; m < M; ++m) total[m][j] = _mm512_fmadd_ps(acc[m][j], s, total[m][j]);
+      const __m512 s = load_bf16_as_f32(scale + (n0 + j * stride) * L.groups + g0, lanes);
+      UNROLL for (int m = 0; m < M; ++m) {
+        const __m512 both = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(lanes, sx + m * L.groups + g0));
+        total[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][j]), both, total[m][j]);
+      }
     }
   }
   UNROLL for (int m = 0; m < M; ++m)
@@ -235,8 +281,8 @@ void with_rows(int64_t rows, F&& f) {
 }
 
 // Weight rows in flight per row count M: enough memory streams to keep reads outstanding, as long as the
-// accumulators (M x NB, twice for int4) fit the 32 registers; int4's one-row kernel, bound by unpacking, is fastest
-// with 4. Measured on the 27648 x 5120 product, 2 threads (docs/cpu.md).
+// accumulators (M x NB) and the activations (int4: 2 M) fit the 32 registers. Measured on the 27648 x 5120
+// product, 2 threads (docs/cpu.md).
 template <int M>
 constexpr int bf16_rows_in_flight() { return M <= 3 ? 8 : (M == 4 ? 6 : 3); }
 template <int M>
@@ -244,7 +290,7 @@ constexpr int int8_rows_in_flight() { return M <= 2 ? 8 : (M == 3 ? 6 : (M == 4 
 template <int M>  // M NB accumulators and M activation vectors
 constexpr int int8_dot_rows_in_flight() { return M <= 3 ? 8 : (M == 4 ? 6 : (M <= 6 ? 3 : 2)); }
 template <int M>
-constexpr int int4_rows_in_flight() { return M == 1 ? 4 : (M == 2 ? 8 : (M == 3 ? 6 : (M == 4 ? 3 : 1))); }
+constexpr int int4_rows_in_flight() { return M <= 2 ? 8 : (M == 3 ? 6 : (M == 4 ? 4 : (M <= 7 ? 2 : 1))); }
 
 // Runs `block(n0, stride)` (weight rows n0, n0 + stride, ..., NB of them) and `single(n)` over the output rows on
 // torch's threads. Each thread takes a contiguous range of rows and walks NB equal parts of it side by side, so
@@ -354,27 +400,27 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   check_rows(x, K, "linear_int4");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_int4: x must be bfloat16");
   const int64_t rows = x.size(0);
-  // [M, K] -> [M, K/64, 32, 2] -> [M, K/64, 2, 32]: each 64 inputs as 32 even then 32 odd positions
-  const at::Tensor xp = x.view({rows, K / 64, 32, 2}).transpose(2, 3).contiguous();
-  const at::Tensor xsum = x.to(at::kFloat).view({rows, K / group_size, group_size}).sum(-1).contiguous();
+  const Int4Layout L(K, group_size);
+  auto x8 = at::zeros({rows, L.x8_row()}, x.options().dtype(at::kChar));
+  auto sx = at::empty({rows, L.groups}, x.options().dtype(at::kFloat));
+  auto xsum = at::empty({rows, L.groups}, x.options().dtype(at::kFloat));
+  quantize_groups(x.data_ptr<c10::BFloat16>(), rows, L, x8.data_ptr<int8_t>(), sx.data_ptr<float>(),
+                  xsum.data_ptr<float>());
   auto out = at::empty({rows, N}, x.options());
   auto* op = out.data_ptr<c10::BFloat16>();
-  const auto* xpp = xp.data_ptr<c10::BFloat16>();
+  const int8_t* xq = x8.data_ptr<int8_t>();
+  const float* sxp = sx.data_ptr<float>();
   const float* xs = xsum.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const auto* sp = scale.data_ptr<c10::BFloat16>();
   const auto* zp = zero.data_ptr<c10::BFloat16>();
-  auto run = [&](auto rows_tag) {
+  with_rows(rows, [&](auto rows_tag) {
     constexpr int M = decltype(rows_tag)::value;
     constexpr int NB = int4_rows_in_flight<M>();
     over_rows<NB>(
-        N,
-        [&](int64_t n0, int64_t stride) {
-          int4_rows<M, NB, c10::BFloat16>(xpp, xs, wp, sp, zp, op, n0, stride, N, K, group_size);
-        },
-        [&](int64_t n) { int4_rows<M, 1, c10::BFloat16>(xpp, xs, wp, sp, zp, op, n, 1, N, K, group_size); });
-  };
-  with_rows(rows, run);
+        N, [&](int64_t n0, int64_t stride) { int4_rows<M, NB>(xq, sxp, xs, wp, sp, zp, op, n0, stride, N, L); },
+        [&](int64_t n) { int4_rows<M, 1>(xq, sxp, xs, wp, sp, zp, op, n, 1, N, L); });
+  });
   return out;
 }
 

@@ -240,17 +240,26 @@ void int4_rows(const int8_t* x8, const float* sx, const float* xsum, const uint8
     UNROLL for (int m = 0; m < M; ++m)
       UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
     for (int64_t t = 0; t < L.words; ++t) {
-      __m512i low[M], high[M];
-      UNROLL for (int m = 0; m < M; ++m) {
-        const int8_t* xt = x8 + m * L.x8_row() + (sb * L.words + t) * 128;
-        low[m] = _mm512_loadu_si512(xt);
-        high[m] = _mm512_loadu_si512(xt + 64);
+      const int8_t* xt = x8 + (sb * L.words + t) * 128;
+      __m512i low[M], high[M];  // up to 4 rows the activations stay in registers; beyond, the accumulators need them
+      if constexpr (M <= 4) {
+        UNROLL for (int m = 0; m < M; ++m) {
+          low[m] = _mm512_loadu_si512(xt + m * L.x8_row());
+          high[m] = _mm512_loadu_si512(xt + m * L.x8_row() + 64);
+        }
       }
       UNROLL for (int j = 0; j < NB; ++j) {
         const uint8_t* block = w + (n0 + j * stride) * (L.K / 2) + g0 * L.G / 2 + t * 4 * S;
         const __m512i u = _mm512_maskz_loadu_epi32(lanes, block);
         const __m512i lo = _mm512_and_si512(u, low_nibble), hi = _mm512_and_si512(_mm512_srli_epi16(u, 4), low_nibble);
-        UNROLL for (int m = 0; m < M; ++m) acc[m][j] = dpbusd(dpbusd(acc[m][j], lo, low[m]), hi, high[m]);
+        UNROLL for (int m = 0; m < M; ++m) {
+          if constexpr (M <= 4) {
+            acc[m][j] = dpbusd(dpbusd(acc[m][j], lo, low[m]), hi, high[m]);
+          } else {
+            acc[m][j] = dpbusd(dpbusd(acc[m][j], lo, _mm512_loadu_si512(xt + m * L.x8_row())), hi,
+                               _mm512_loadu_si512(xt + m * L.x8_row() + 64));
+          }
+        }
       }
     }
     UNROLL for (int j = 0; j < NB; ++j) {
@@ -290,7 +299,7 @@ constexpr int int8_rows_in_flight() { return M <= 2 ? 8 : (M == 3 ? 6 : (M == 4 
 template <int M>  // M NB accumulators and M activation vectors
 constexpr int int8_dot_rows_in_flight() { return M <= 3 ? 8 : (M == 4 ? 6 : (M <= 6 ? 3 : 2)); }
 template <int M>
-constexpr int int4_rows_in_flight() { return M <= 2 ? 8 : (M == 3 ? 6 : (M == 4 ? 4 : (M <= 7 ? 2 : 1))); }
+constexpr int int4_rows_in_flight() { return M <= 2 ? 8 : (M == 3 ? 6 : (M == 4 ? 4 : (M == 5 ? 4 : 3))); }
 
 // Runs `block(n0, stride)` (weight rows n0, n0 + stride, ..., NB of them) and `single(n)` over the output rows on
 // torch's threads. Each thread takes a contiguous range of rows and walks NB equal parts of it side by side, so

@@ -286,6 +286,7 @@ def test_bench_7b_path_on_a_tiny_shape(tmp_path: Path, capsys: pytest.CaptureFix
                    shape=shape)
     bf16, int8 = again["formats"]
     assert len(int8["memory_bandwidth_passes"]) == 2
+    assert int8["loops_measured"] == [sorted(options.loops), sorted(options.loops, reverse=True)]
     for row, bf16_row in zip(int8["rows"], bf16["rows"], strict=True):
         assert row["decode_ms_mean"] == pytest.approx((row["decode_ms_per_token"] + row["decode_ms_reversed"]) / 2,
                                                       rel=1e-3)

@@ -91,7 +91,8 @@ def run_7b(options: BenchOptions, weights: list[str], root: Path | None = None, 
            shape: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build (once, under `root`, default `cache_root()`) and measure the 7b checkpoint (or one of `shape`, for
     tests) in each of `weights`, one child process per format; with `options.repeat_reversed`, every format a
-    second time in reverse order (bf16 int8 int4 int4 int8 bf16), whose mean cancels a drift of the machine."""
+    second time in reverse order (bf16 int8 int4 int4 int8 bf16, and within each the loop counts reversed too),
+    whose mean cancels a steady drift of the machine."""
     check_options(options)
     if options.device != "cpu" or options.dtype not in ("float32", "bfloat16"):
         raise BenchError("--preset 7b measures CPU decoding of bf16 weights and their int8/int4 copies: leave "
@@ -104,8 +105,10 @@ def run_7b(options: BenchOptions, weights: list[str], root: Path | None = None, 
     directories = {w: checkpoint_for(w, root, shape, progress) for w in weights}
     order = list(weights) + (list(reversed(weights)) if options.repeat_reversed else [])
     passes: dict[str, list[dict[str, Any]]] = {w: [] for w in weights}
-    for w in tqdm(order, desc="parloop bench 7b", unit="format", disable=not progress):
-        spec = dict(directory=str(directories[w]), weights=w, loops=sorted(set(options.loops)),
+    for i, w in enumerate(tqdm(order, desc="parloop bench 7b", unit="format", disable=not progress)):
+        # the reversed pass also takes the loop counts in reverse, so that R = 1 and R = 2 share their mean time
+        loops = sorted(set(options.loops), reverse=i >= len(weights))
+        spec = dict(directory=str(directories[w]), weights=w, loops=loops,
                     modes=list(dict.fromkeys(options.modes)), context=options.context, warmup=options.warmup,
                     new_tokens=options.new_tokens, threads=options.threads or torch.get_num_threads(),
                     seed=options.seed, vocab_size=shape["vocab_size"],
@@ -139,6 +142,7 @@ def _combine_passes(first: dict[str, Any], second: dict[str, Any] | None = None)
                    achieved_bandwidth_pct=significant(100 * gbs / bandwidth))
     return dict(first, memory_bandwidth_gbs=significant(bandwidth),
                 memory_bandwidth_passes=[first["memory_bandwidth_gbs"], second["memory_bandwidth_gbs"]],
+                loops_measured=[[r["loops"] for r in first["rows"]], [r["loops"] for r in second["rows"]]],
                 peak_rss_bytes=max(first["peak_rss_bytes"], second["peak_rss_bytes"]))
 
 

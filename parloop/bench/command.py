@@ -77,12 +77,12 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
                            "CUDA graphs on a GPU (the first calls per model compile, off the clock); the reference "
                            "then decodes with transformers' static cache and compiled forward (default: on with "
                            "--device cuda, off on CPU)%(default).0s")
-    what.add_argument("--repeat-reversed", action="store_true",
+    what.add_argument("--repeat-reversed", action=argparse.BooleanOptionalAction, default=None,
                       help="measure every row a second time, in reverse order, and report per row how far apart "
                            "the two medians are (spread %%): a large spread is noise, not a difference between rows; "
                            "with --preset 7b the formats (and within each the loop counts) run again in reverse order "
                            "and the ratios come from the mean of the two passes, which cancels a steady drift of the "
-                           "machine")
+                           "machine (default: on with --preset 7b, off otherwise)")
     what.add_argument("--sweep", action="store_true",
                       help="instead of --loops: every --sweep-loops x --sweep-batches at --context, and every "
                            "--sweep-loops x --sweep-contexts at --batch; writes plots (long on a CPU with the "

@@ -57,7 +57,7 @@ class BenchOptions:
     sweep_contexts: Sequence[int] = SWEEP_CONTEXTS
     bandwidth_mb: int = 512
     compile: bool | None = None  # static cache + compiled decode step (CUDA graphs on a GPU); None: on CUDA only
-    repeat_reversed: bool = False  # measure every row again, in reverse order, and report the spread
+    repeat_reversed: bool | None = None  # measure every row again in reverse order (None: only with --preset 7b)
 
     def model_shape(self) -> dict[str, int]:
         if self.preset not in PRESETS:

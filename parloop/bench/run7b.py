@@ -90,8 +90,8 @@ def measure_format(spec: dict[str, Any]) -> dict[str, Any]:
 def run_7b(options: BenchOptions, weights: list[str], root: Path | None = None, progress: bool = True,
            shape: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build (once, under `root`, default `cache_root()`) and measure the 7b checkpoint (or one of `shape`, for
-    tests) in each of `weights`, one child process per format; with `options.repeat_reversed`, every format a
-    second time in reverse order (bf16 int8 int4 int4 int8 bf16, and within each the loop counts reversed too),
+    tests) in each of `weights`, one child process per format; unless `options.repeat_reversed` is False, every
+    format a second time in reverse order (bf16 int8 int4 int4 int8 bf16, and within each the loop counts reversed too),
     whose mean cancels a steady drift of the machine."""
     check_options(options)
     if options.device != "cpu" or options.dtype not in ("float32", "bfloat16"):
@@ -103,7 +103,8 @@ def run_7b(options: BenchOptions, weights: list[str], root: Path | None = None, 
     root = cache_root() if root is None else Path(root)
     shape = RELEASED_7B if shape is None else shape
     directories = {w: checkpoint_for(w, root, shape, progress) for w in weights}
-    order = list(weights) + (list(reversed(weights)) if options.repeat_reversed else [])
+    two_passes = options.repeat_reversed is not False  # the default here: see --repeat-reversed
+    order = list(weights) + (list(reversed(weights)) if two_passes else [])
     passes: dict[str, list[dict[str, Any]]] = {w: [] for w in weights}
     for i, w in enumerate(tqdm(order, desc="parloop bench 7b", unit="format", disable=not progress)):
         # the reversed pass also takes the loop counts in reverse, so that R = 1 and R = 2 share their mean time

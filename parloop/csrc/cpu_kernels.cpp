@@ -16,9 +16,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
+#include <torch/extension.h>
 
 #include <cstring>
-#include <torch/extension.h>
 
 namespace {
 
@@ -33,11 +33,6 @@ inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 inline __m512 load_bf16_as_f32(const c10::BFloat16* p, __mmask16 mask) {
   __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// one bf16 as a float32 in every lane: a 16-bit broadcast, then the shift that leaves it in each lane's upper half
-inline __m512 broadcast_bf16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi16(*reinterpret_cast<const int16_t*>(p)), 16));
 }
 
 template <typename T>

@@ -38,7 +38,7 @@ FORMATS = ("int8", "int4")
 # the format version written; int4's version 1 was torch's CPU-specific packing, version 2 a plain nibble order
 VERSIONS = {"int8": 1, "int4": 3}
 DEFAULT_GROUP_SIZE = 128  # int4: inputs sharing a scale and zero (the common choice of GPTQ/AWQ/llama.cpp Q4)
-GROUP_SIZES = (64, 128, 256)  # multiples of the kernel's 64-input block
+GROUP_SIZES = (64, 128, 256)  # what the CPU kernels take (multiples of 64)
 SUPERBLOCK = 16  # int4 groups stored side by side, one per 32-bit lane (pack_int4)
 # the linear products quantized: each decoder layer's, and the output head
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

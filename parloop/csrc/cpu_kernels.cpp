@@ -170,7 +170,8 @@ void int8_dot_rows(const int16_t* x16, const float* xs, int64_t Kp, const int8_t
 // ---- int4 weights in groups of G inputs, activations rounded to int8 per group: 64 codes per VPDPBUSD ----
 // w = (q - 8) * s + z with q in 0..15; each row of x is rounded to int8 per group, x ~ a * sx (sx = the group's
 // max |x| / 127, as llama.cpp's Q8 activations), so that VPDPBUSD multiplies 64 unsigned codes by 64 signed
-// activations per instruction, half the dot products of bf16 pairs and a quarter of their unpacking. Per group
+// activations per instruction: half the dot products of bf16 pairs, and 3 instructions to unpack 128 codes instead
+// of 7. Per group
 // sum_k x_k w_k = s sx sum_k q_k a_k + (z - 8 s) sum_k x_k, with sum_k x_k taken from the rounded x (`xsum`).
 // The file stores each 16 groups of a row (fewer in the last) with one group per int32 lane (docs/cpu.md):
 // block t of such a superblock holds, for each group l, 4 bytes whose low nibbles are the group's inputs 8 t .. 8 t
